@@ -1,0 +1,61 @@
+# repa-pipeline. Every target bootstraps .venv on first use.
+#   make demo                       features + train (U-REPA) + eval on the embedded dataset, CPU
+#   make test                       the test suite
+#   make features | train | eval    the stages for CONFIG; e.g. make train ALIGN=urepa MODEL=SiTDown-B/2
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REPA := $(VENV)/bin/repa
+CONFIG ?= configs/demo.toml
+ALIGN ?=
+MODEL ?=
+SET ?=
+# The torch/torchvision pair installed first (override for another CUDA build).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+OVERRIDES := $(if $(ALIGN),--set train.align=$(ALIGN)) $(if $(MODEL),--set model.name=$(MODEL)) \
+             $(foreach s,$(SET),--set $(s))
+ARGS := --config $(CONFIG) $(OVERRIDES)
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup features ingest encode teacher train sample eval evaluate status report demo test test-fast \
+        bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+features: setup
+	$(REPA) features $(ARGS)
+
+ingest encode teacher train sample evaluate status report: setup
+	$(REPA) $@ $(ARGS)
+
+eval: setup
+	$(REPA) eval $(ARGS)
+
+demo: setup
+	$(REPA) features $(ARGS)
+	$(REPA) train $(ARGS)
+	$(REPA) eval $(ARGS)
+	$(REPA) report $(ARGS)
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	@for b in bench/bench_*.py; do echo "== $$b" >&2; $(PY) $$b; done
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline jobs schemas tests bench
+
+clean:
+	rm -rf work .pytest_cache

@@ -1,0 +1,210 @@
+"""The `repa` command: one subcommand per stage, plus features / eval / status / report.
+
+Exit codes: 0 success (including "up to date"), 2 a usage, config or input-compatibility error
+(one line, no traceback), 1 a failure while running. Heavy modules (torch) are imported only by
+the subcommands that need them, so `repa status` and an up-to-date check stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+
+from jobs.stage import UsageError
+from schemas.loading import ConfigError, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train diffusion models with representation alignment from offline feature stores.",
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="TOML experiment file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: dotted.key=value (repeatable)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if the stage is up to date.")]
+
+
+def _fail(code: int, message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def _run(config: str, overrides: list[str] | None, steps: list[Callable]) -> None:
+    """Load the config, run the stage functions in order, map errors to exit codes."""
+    try:
+        cfg = load_config(config, overrides or [])
+        for step in steps:
+            step(cfg)
+    except (ConfigError, UsageError) as exc:
+        _fail(2, str(exc))
+    except KeyboardInterrupt:
+        _fail(1, "interrupted; rerun the same command to resume")
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary
+        if os.environ.get("REPA_TRACEBACK"):
+            traceback.print_exc()
+        hint = "" if os.environ.get("REPA_TRACEBACK") else " (set REPA_TRACEBACK=1 for the traceback)"
+        _fail(1, f"{type(exc).__name__}: {exc}{hint}")
+
+
+def _ingest(force: bool):
+    def step(cfg):
+        from jobs.ingest import ingest
+
+        ingest(cfg, force)
+
+    return step
+
+
+def _encode(force: bool):
+    def step(cfg):
+        from jobs.encode import encode
+
+        encode(cfg, force)
+
+    return step
+
+
+def _teacher(force: bool):
+    def step(cfg):
+        from jobs.teacher import teacher
+
+        teacher(cfg, force)
+
+    return step
+
+
+def _train(force: bool):
+    def step(cfg):
+        from jobs.train import train
+
+        train(cfg, force)
+
+    return step
+
+
+def _sample(force: bool):
+    def step(cfg):
+        from jobs.sample import sample
+
+        sample(cfg, force)
+
+    return step
+
+
+def _evaluate(force: bool):
+    def step(cfg):
+        from jobs.evaluate import evaluate
+
+        evaluate(cfg, force)
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+#                                       Subcommands
+# ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def ingest(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+    """Source images -> center-cropped WebDataset shards."""
+    _run(config, overrides, [_ingest(force)])
+
+
+@app.command()
+def encode(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+    """Image shards -> VAE latent moments store (Zarr)."""
+    _run(config, overrides, [_encode(force)])
+
+
+@app.command()
+def teacher(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+    """Image shards -> DINOv2 teacher features store (Zarr)."""
+    _run(config, overrides, [_teacher(force)])
+
+
+@app.command()
+def features(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+    """ingest, encode and teacher."""
+    _run(config, overrides, [_ingest(force), _encode(force), _teacher(force)])
+
+
+@app.command()
+def train(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+    """Train the model from the cached stores (resumes from the latest checkpoint)."""
+    _run(config, overrides, [_train(force)])
+
+
+@app.command()
+def sample(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+    """Draw class-balanced samples from the run's EMA weights."""
+    _run(config, overrides, [_sample(force)])
+
+
+@app.command()
+def evaluate(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+    """Score the samples: FID, sFID, IS, precision, recall."""
+    _run(config, overrides, [_evaluate(force)])
+
+
+@app.command(name="eval")
+def eval_(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+    """sample, then evaluate."""
+    _run(config, overrides, [_sample(force), _evaluate(force)])
+
+
+@app.command()
+def status(
+    config: ConfigOpt = "configs/demo.toml",
+    overrides: SetOpt = None,
+    force: ForceOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per stage.")] = False,
+) -> None:
+    """Every stage of the config: up-to-date / stale (and why) / missing."""
+
+    def show(cfg):
+        from jobs.layout import states
+
+        rows = [s.as_json() for s in states(cfg).values()]
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        width = max(len(r["stage"]) for r in rows)
+        for r in rows:
+            print(f"{r['stage']:<{width}}  {r['state']:<10}  {r['path']}")
+            if r["state"] != "up-to-date":
+                print(f"{'':<{width}}  {'':<10}  {r['reason']}")
+
+    _run(config, overrides, [show])
+
+
+@app.command()
+def report(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+    """Summarise the run: stage timings, training curves (PNG) and metrics."""
+
+    def step(cfg):
+        from jobs.report import report as make_report
+
+        make_report(cfg)
+
+    _run(config, overrides, [step])
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

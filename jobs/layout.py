@@ -1,0 +1,146 @@
+"""The stage graph: where each stage writes, which config keys and upstream stages it depends on.
+
+    {workdir}/ingest                     image shards (WebDataset)
+    {workdir}/latents                    VAE moments store (Zarr)
+    {workdir}/teacher                    teacher features store (Zarr)
+    {workdir}/runs/{run}                 training run: checkpoints, metrics, ema.safetensors
+    {workdir}/runs/{run}/samples         samples.npz + grid.png
+    {workdir}/runs/{run}/eval            metrics.json
+
+The run name defaults to model-align-hash, the hash covering what shapes the run's result except
+its length, so raising `train.steps` continues the same run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from jobs.stage import StageSpec, StageState, canonical_json, evaluate_state, lookup
+from schemas.config import AlignConfig, ExperimentConfig, TrainConfig
+from schemas.manifest import Manifest
+
+STAGES = ("ingest", "latents", "teacher", "train", "sample", "evaluate")
+
+
+
+# ----------------------------------------------------------------------------------------------
+#                                     Fingerprinted keys
+# ----------------------------------------------------------------------------------------------
+
+INGEST_KEYS = tuple(
+    f"data.{k}"
+    for k in ("source", "path", "resolution", "limit", "offset", "on_error", "shard_size",
+              "synthetic_count", "synthetic_classes", "seed")
+)
+LATENT_KEYS = ("vae.name", "vae.weights", "vae.flip", "vae.precision", "stores.samples_per_shard")
+TEACHER_KEYS = (
+    "teacher.name", "teacher.weights", "teacher.resolution", "teacher.cache", "teacher.dtype",
+    "teacher.hidden_layer", "teacher.precision", "vae.flip", "stores.samples_per_shard",
+)
+# Fields that say how a run executes, not what it computes.
+TRAIN_EXECUTION = {"name", "launcher", "num_workers", "use_gpu", "log_every", "sample_every",
+                   "loader_workers", "max_failures"}
+MODEL_KEYS = ("model.name", "model.num_classes", "model.class_dropout", "model.use_rope", "model.use_swiglu")
+SAMPLE_KEYS = tuple(f"sample.{k}" for k in ("num", "sampler", "heun", "steps", "cfg_scale", "guidance_low",
+                                             "guidance_high", "seed", "weights"))
+EVAL_KEYS = ("eval.reference", "eval.reference_offset", "eval.reference_limit", "eval.inception",
+             "eval.splits", "eval.k")
+
+
+def align_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    if cfg.train.align == "none":
+        return ()
+    fields = ["depth", "coeff", "projector_dim", "resize"]
+    if cfg.train.align == "urepa":
+        fields += ["manifold_weight", "manifold_over"]
+    if cfg.train.align == "haste":
+        fields += ["attn_coeff", "student_layers", "teacher_layers", "tau", "trigger", "trigger_start",
+                   "trigger_every", "trigger_threshold"]
+    assert set(fields) <= set(AlignConfig.model_fields)
+    return tuple(f"align.{f}" for f in fields)
+
+
+def train_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    fields = tuple(f"train.{f}" for f in TrainConfig.model_fields if f not in TRAIN_EXECUTION)
+    return MODEL_KEYS + align_keys(cfg) + fields
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    """`train.name`, or model-align-hash of everything in the run's fingerprint but its length."""
+    if cfg.train.name:
+        return cfg.train.name
+    keys = [k for k in train_keys(cfg) if k != "train.steps"] + list(TEACHER_KEYS) + list(LATENT_KEYS)
+    digest = hashlib.sha256(canonical_json({k: lookup(cfg, k) for k in keys}).encode()).hexdigest()[:8]
+    return f"{cfg.model.name.replace('/', '-')}-{cfg.train.align}-{digest}"
+
+
+# ----------------------------------------------------------------------------------------------
+#                                     Output verification
+# ----------------------------------------------------------------------------------------------
+
+
+def _files_exist(manifest: Manifest, directory: Path) -> str | None:
+    for entry in manifest.outputs:
+        if entry.kind in ("shard", "file"):
+            path = directory / entry.name
+            if not path.is_file():
+                return f"{path} is missing"
+            if entry.bytes and path.stat().st_size != entry.bytes:
+                return f"{path} has {path.stat().st_size} bytes, manifest says {entry.bytes}"
+        elif entry.kind == "array" and not (directory / "store.zarr" / entry.name).exists():
+            return f"array {entry.name} is missing from {directory / 'store.zarr'}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+#                                         The graph
+# ----------------------------------------------------------------------------------------------
+
+
+def _workdir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.workdir)
+
+
+def _run_dir(cfg: ExperimentConfig) -> Path:
+    return _workdir(cfg) / "runs" / run_name(cfg)
+
+
+def _train_inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
+    return ("latents",) if cfg.train.align == "none" else ("latents", "teacher")
+
+
+def _eval_inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
+    return ("sample", "ingest") if cfg.eval.reference in ("ingest", "holdout") else ("sample",)
+
+
+def _eval_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    if cfg.eval.reference == "holdout":
+        return EVAL_KEYS + ("data.source", "data.path", "data.resolution")
+    return EVAL_KEYS
+
+
+SPECS: dict[str, StageSpec] = {
+    "ingest": StageSpec("ingest", 1, lambda c: INGEST_KEYS, lambda c: (), lambda c: _workdir(c) / "ingest",
+                        _files_exist),
+    "latents": StageSpec("latents", 1, lambda c: LATENT_KEYS, lambda c: ("ingest",),
+                         lambda c: _workdir(c) / "latents", _files_exist),
+    "teacher": StageSpec("teacher", 1, lambda c: TEACHER_KEYS, lambda c: ("ingest",),
+                         lambda c: _workdir(c) / "teacher", _files_exist),
+    "train": StageSpec("train", 1, train_keys, _train_inputs, _run_dir, _files_exist),
+    "sample": StageSpec("sample", 1, lambda c: SAMPLE_KEYS, lambda c: ("latents", "train"),
+                        lambda c: _run_dir(c) / "samples", _files_exist),
+    "evaluate": StageSpec("evaluate", 1, _eval_keys, _eval_inputs, lambda c: _run_dir(c) / "eval",
+                          _files_exist),
+}
+
+
+def states(cfg: ExperimentConfig, upto: str | None = None) -> dict[str, StageState]:
+    """States of every stage in order (or up to and including `upto`)."""
+    out: dict[str, StageState] = {}
+    for name in STAGES:
+        spec = SPECS[name]
+        out[name] = evaluate_state(spec, cfg, {n: out[n] for n in spec.inputs(cfg)})
+        if name == upto:
+            break
+    return out

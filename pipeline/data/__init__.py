@@ -1,0 +1,1 @@
+"""Image sources and the preprocessing applied at ingest."""

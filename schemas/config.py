@@ -1,0 +1,207 @@
+"""The experiment config: one pydantic section per stage, loaded from a TOML file.
+
+Every section forbids unknown keys, so a typo is an error that names the key instead of a silent
+default. Fields are grouped by the stage that reads them; `STAGE_KEYS` in `jobs.stages` says which
+fields enter each stage's fingerprint.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                         Ingest
+# ----------------------------------------------------------------------------------------------
+
+
+class DataConfig(Section):
+    source: Literal["imagefolder", "webdataset", "fashion-mnist", "synthetic"] = "fashion-mnist"
+    path: str = "data/fashion-mnist"  # folder, tar glob, IDX folder; unused for synthetic
+    resolution: int = Field(256, ge=8, le=4096)  # ADM center crop to this square size
+    limit: int = Field(0, ge=0)  # use only the first N images after `offset` (0 = all)
+    offset: int = Field(0, ge=0)  # skip this many images first (a held-out split starts here)
+    on_error: Literal["skip", "fail"] = "skip"  # unreadable image: record and skip, or stop
+    shard_size: int = Field(1000, ge=1)  # images per WebDataset tar shard
+    num_workers: int = Field(2, ge=1)  # processes writing shards in parallel
+    synthetic_count: int = Field(512, ge=1)  # number of images of the synthetic source
+    synthetic_classes: int = Field(10, ge=1)
+    seed: int = 0  # seed of the synthetic source
+
+
+# ----------------------------------------------------------------------------------------------
+#                                    Encode / teacher
+# ----------------------------------------------------------------------------------------------
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class VaeConfig(Section):
+    name: str = "sd-vae-ft-ema"  # sd-vae-ft-ema | sd-vae-ft-mse | identity | tiny-random
+    weights: str = "hub"  # hub | local directory or file | random
+    flip: bool = False  # also store moments of the horizontally flipped image
+    batch_size: int = Field(64, ge=1)
+    precision: Precision = "fp32"  # autocast dtype of the VAE encoder on CUDA
+    device: Device = "auto"
+
+
+class TeacherConfig(Section):
+    name: str = "dinov2_vitb14"  # dinov2_vit{s,b,l,g}14 with optional _reg suffix
+    weights: str = "hub"  # hub | local .pth/.safetensors file | random
+    resolution: int = Field(224, ge=14)  # teacher input size; 224 -> 16x16 patch tokens
+    cache: Literal["tokens", "hidden", "online"] = "tokens"
+    dtype: Literal["fp16", "int8"] = "fp16"  # storage of the cached tokens
+    hidden_layer: int = Field(8, ge=0)  # cache the state entering this block (cache = hidden)
+    batch_size: int = Field(64, ge=1)
+    precision: Precision = "fp32"  # autocast dtype of the teacher forward on CUDA
+    device: Device = "auto"
+
+
+class StoresConfig(Section):
+    samples_per_shard: int = Field(1024, ge=1)  # Zarr shard file size along the sample axis
+    launcher: Literal["local", "ray"] = "local"  # how encode/teacher fan out shard ranges
+    num_workers: int = Field(1, ge=1)  # parallel shard-range writers (processes or Ray tasks)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Model and alignment
+# ----------------------------------------------------------------------------------------------
+
+
+class ModelConfig(Section):
+    name: str = "SiT-XL/2"  # SiT-{S,B,L,XL}/{2,4,8}, SiTDown-{B,L,XL}/2, UNet-{S,B}, *-T tiny
+    num_classes: int = Field(1000, ge=1)
+    class_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # label dropout for classifier-free guidance
+    use_rope: bool | None = None  # None = the architecture's default
+    use_swiglu: bool | None = None  # None = the architecture's default
+
+
+class AlignConfig(Section):
+    depth: int = Field(0, ge=0)  # student block whose output is aligned, 1-indexed (0 = model default)
+    coeff: float = Field(0.5, ge=0.0)  # lambda: weight of the whole alignment term
+    projector_dim: int = Field(2048, ge=1)  # hidden width of the 3-layer projector MLP
+    manifold_weight: float = Field(3.0, ge=0.0)  # U-REPA: w in lambda * (L_repa + w * L_manifold)
+    manifold_over: Literal["tokens", "samples"] = "tokens"  # U-REPA: what the similarity matrix spans
+    resize: Literal["nearest", "bilinear", "bicubic"] = "bilinear"  # student grid -> teacher grid
+    attn_coeff: float = Field(0.5, ge=0.0)  # HASTE: weight of the attention term
+    student_layers: list[int] = [4, 5, 6, 7]  # HASTE: 0-indexed student blocks
+    teacher_layers: list[int] = [8, 9, 10, 11]  # HASTE: 0-indexed teacher blocks
+    tau: int = Field(250_000, ge=0)  # HASTE: step at which alignment stops for good
+    trigger: Literal["off", "gradient-angle"] = "off"  # HASTE: optional early termination
+    trigger_start: int = Field(50_000, ge=0)
+    trigger_every: int = Field(10_000, ge=1)
+    trigger_threshold: float = -0.05
+
+    @model_validator(mode="after")
+    def _layer_pairs(self) -> AlignConfig:
+        if len(self.student_layers) != len(self.teacher_layers):
+            raise ValueError(
+                f"align.student_layers {self.student_layers} and align.teacher_layers "
+                f"{self.teacher_layers} must pair up one to one (same length)"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+#                                         Train
+# ----------------------------------------------------------------------------------------------
+
+
+class TrainConfig(Section):
+    align: Literal["none", "repa", "urepa", "haste"] = "repa"
+    name: str = ""  # run directory name under {workdir}/runs ("" = model-align-hash)
+    launcher: Literal["local", "torchrun", "ray"] = "local"
+    num_workers: int = Field(1, ge=1)  # data-parallel workers (Ray workers or torchrun ranks)
+    use_gpu: bool | None = None  # None = use CUDA when available
+    batch_size: int = Field(256, ge=1)  # global batch size (split over workers)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimiser step, per worker
+    steps: int = Field(400_000, ge=1)  # optimiser steps in the run
+    seed: int = 0
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)  # linear LR warm-up
+    grad_clip: float = Field(1.0, ge=0)  # max grad norm (0 = off)
+    ema_decay: float = Field(0.9999, ge=0, le=1)
+    precision: Precision = "bf16"  # autocast dtype on CUDA (CPU runs in fp32)
+    compile: bool = False  # torch.compile the model
+    path: Literal["linear", "cosine"] = "linear"  # interpolant of flow matching
+    time_sampling: Literal["uniform", "lognormal"] = "uniform"
+    checkpoint_every: int = Field(50_000, ge=1)  # steps between checkpoints
+    keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept on disk
+    log_every: int = Field(100, ge=1)  # steps between metrics.jsonl rows
+    sample_every: int = Field(0, ge=0)  # steps between sample-grid PNGs (0 = only at the end)
+    loader_workers: int = Field(0, ge=0)  # DataLoader worker processes per training worker
+    max_failures: int = Field(3, ge=0)  # Ray: worker-group restarts before giving up
+
+
+# ----------------------------------------------------------------------------------------------
+#                                     Sample and evaluate
+# ----------------------------------------------------------------------------------------------
+
+
+class SampleConfig(Section):
+    num: int = Field(50_000, ge=1)  # images to draw, class-balanced
+    sampler: Literal["ode", "sde"] = "sde"
+    heun: bool = False  # ODE only: Heun's second-order correction
+    steps: int = Field(250, ge=1)
+    cfg_scale: float = Field(1.0, ge=0)  # 1.0 = no guidance
+    guidance_low: float = Field(0.0, ge=0, le=1)  # CFG applied only for t in [low, high]
+    guidance_high: float = Field(1.0, ge=0, le=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    weights: Literal["ema", "model"] = "ema"
+    device: Device = "auto"
+
+    @model_validator(mode="after")
+    def _interval(self) -> SampleConfig:
+        if self.guidance_low > self.guidance_high:
+            raise ValueError(
+                f"sample.guidance_low ({self.guidance_low}) must not exceed "
+                f"sample.guidance_high ({self.guidance_high})"
+            )
+        return self
+
+
+class EvalConfig(Section):
+    reference: str = "ingest"  # ingest (training images) | holdout (data.* at reference_offset) | ADM .npz path
+    reference_offset: int = Field(0, ge=0)  # holdout: first image of the reference split
+    reference_limit: int = Field(0, ge=0)  # holdout: number of reference images (0 = all)
+    inception: str = "fid-helper"  # fid-helper (bundled TF port) | path to inception-2015-12-05.pt
+    batch_size: int = Field(100, ge=1)
+    splits: int = Field(10, ge=1)  # Inception Score splits
+    k: int = Field(3, ge=1)  # nearest neighbours for precision/recall
+    device: Device = "auto"
+
+
+# ----------------------------------------------------------------------------------------------
+#                                       Experiment
+# ----------------------------------------------------------------------------------------------
+
+
+class ExperimentConfig(Section):
+    workdir: str = "work"
+    data: DataConfig = DataConfig()
+    vae: VaeConfig = VaeConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    stores: StoresConfig = StoresConfig()
+    model: ModelConfig = ModelConfig()
+    align: AlignConfig = AlignConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("workdir must not be empty")
+        return v
