@@ -131,6 +131,12 @@ def select(items: list[SourceItem], offset: int, limit: int) -> list[SourceItem]
     return items[offset:end]
 
 
+def source_num_classes(source) -> int:
+    """Number of classes a source can emit: folder names, or the synthetic/Fashion-MNIST count."""
+    classes = getattr(source, "classes", 10)
+    return len(classes()) if callable(classes) else int(classes)
+
+
 def open_configured_source(cfg: ExperimentConfig):
     d = cfg.data
     try:
@@ -148,8 +154,7 @@ def ingest(cfg: ExperimentConfig, force: bool = False) -> None:
     source = open_configured_source(cfg)
     try:
         items = select(source.items(), d.offset, d.limit)
-        num_classes = len(source.classes()) if hasattr(source, "classes") else (
-            d.synthetic_classes if d.source == "synthetic" else 10)
+        num_classes = source_num_classes(source)
     except SourceError as exc:
         raise UsageError(str(exc)) from None
 

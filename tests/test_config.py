@@ -1,0 +1,77 @@
+"""Config loading: TOML + --set overrides, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.loading import ConfigError, load_config, parse_value
+from tests.conftest import repa
+
+
+def test_overrides_parse_toml_literals_and_fall_back_to_strings():
+    cfg = load_config(None, ["workdir=/tmp/x", "train.steps=12", "align.student_layers=[1, 2]", "align.teacher_layers=[10, 11]",
+                             "train.compile=true", "teacher.name=dinov2_vitl14"])
+    assert cfg.workdir == "/tmp/x"
+    assert cfg.train.steps == 12
+    assert cfg.align.student_layers == [1, 2]
+    assert cfg.train.compile is True
+    assert cfg.teacher.name == "dinov2_vitl14"
+    assert parse_value("1e-4") == pytest.approx(1e-4)
+    assert parse_value("hello world") == "hello world"
+
+
+def test_string_field_keeps_numeric_looking_text():
+    assert load_config(None, ["train.name=007"]).train.name == "007"
+
+
+def test_demo_config_validates():
+    cfg = load_config("configs/demo.toml")
+    assert cfg.data.source == "fashion-mnist" and cfg.train.align == "urepa"
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.stepz=3", ["train.stepz", "unknown key", "steps"]),
+        ("train.steps=many", ["train.steps", "'many'"]),
+        ("train.align=repb", ["train.align", "'repb'", "'urepa'", "'haste'"]),
+        ("nosuch.key=1", ["nosuch.key", "unknown key"]),
+        ("sample.cfg_scale=-1", ["sample.cfg_scale", "-1", "greater than or equal to 0"]),
+    ],
+)
+def test_bad_override_is_a_config_error_naming_the_key(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/demo.toml", [override])
+    msg = str(info.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_guidance_interval_must_be_ordered():
+    with pytest.raises(ConfigError, match="guidance_low .* must not exceed"):
+        load_config(None, ["sample.guidance_high=0.5", "sample.guidance_low=0.7"])
+
+
+def test_unknown_key_in_file_is_reported(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('workdir = "w"\n[train]\nalign = "repa"\nbogus = 1\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'train.bogus'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.bogus=1", "train.steps=abc", "train.align=nope"],
+)
+def test_cli_exits_2_with_one_line(override, tmp_path):
+    proc = repa("status", "--config", "configs/demo.toml", "--set", f"workdir={tmp_path}", "--set", override)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    proc = repa("status", "--config", str(tmp_path / "none.toml"))
+    assert proc.returncode == 2 and "not found" in proc.stderr
