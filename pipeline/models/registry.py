@@ -1,0 +1,108 @@
+"""Named backbone configurations: `build_model("SiT-XL/2", input_size=32, ...)`.
+
+| name                  | class   | width | depth / stages   | heads | patch |
+|-----------------------|---------|-------|------------------|-------|-------|
+| SiT-T/{2,4}           | SiT     | 64    | 4                | 4     | 2, 4  |
+| SiT-S/{2,4,8}         | SiT     | 384   | 12               | 6     | 2,4,8 |
+| SiT-B/{2,4,8}         | SiT     | 768   | 12               | 12    | 2,4,8 |
+| SiT-L/{2,4,8}         | SiT     | 1024  | 24               | 16    | 2,4,8 |
+| SiT-XL/{2,4,8}        | SiT     | 1152  | 28               | 16    | 2,4,8 |
+| SiTDown-T/{2,4}       | SiTDown | 64    | [1, 2, 1]        | 4     | 2, 4  |
+| SiTDown-B/2           | SiTDown | 768   | [5, 5, 5]        | 12    | 2     |
+| SiTDown-L/2           | SiTDown | 1024  | [9, 14, 9]       | 16    | 2     |
+| SiTDown-XL/2          | SiTDown | 1152  | [10, 16, 10]     | 16    | 2     |
+| UNet-T / UNet-S / UNet-B | UNet | ch 32 / 128 / 192 (see pipeline/models/unet.py)  |||
+
+Overrides are constructor keyword arguments (input_size, in_channels, num_classes,
+class_dropout_prob, use_rope, use_swiglu, default_align_depth, ...); a value of None keeps the
+architecture's default. The U-Net has no RoPE or SwiGLU: use_rope / use_swiglu may only be None or
+False for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+
+from pipeline.models.sit import SiT
+from pipeline.models.sit_down import SiTDown
+from pipeline.models.unet import UNet
+
+# ----------------------------------------------------------------------------------------------
+#                                        The table
+# ----------------------------------------------------------------------------------------------
+
+_SIT_SIZES: dict[str, dict[str, Any]] = {
+    "T": dict(hidden_size=64, depth=4, num_heads=4, default_align_depth=2),
+    "S": dict(hidden_size=384, depth=12, num_heads=6),
+    "B": dict(hidden_size=768, depth=12, num_heads=12),
+    "L": dict(hidden_size=1024, depth=24, num_heads=16),
+    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
+}
+_SIT_DOWN_SIZES: dict[str, dict[str, Any]] = {
+    "T": dict(hidden_size=64, stage_depths=(1, 2, 1), num_heads=4),
+    "B": dict(hidden_size=768, stage_depths=(5, 5, 5), num_heads=12),
+    "L": dict(hidden_size=1024, stage_depths=(9, 14, 9), num_heads=16),
+    "XL": dict(hidden_size=1152, stage_depths=(10, 16, 10), num_heads=16),
+}
+_UNET_SIZES: dict[str, dict[str, Any]] = {
+    "T": dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_levels=()),
+    "S": dict(model_channels=128, channel_mult=(1, 2, 2), num_res_blocks=2, attn_levels=(1, 2)),
+    "B": dict(model_channels=192, channel_mult=(1, 2, 3), num_res_blocks=2, attn_levels=(1, 2)),
+}
+
+
+def _table() -> dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]]:
+    """name -> (class, constructor kwargs)."""
+    table: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {}
+    for size, kwargs in _SIT_SIZES.items():
+        for patch in (2, 4) if size == "T" else (2, 4, 8):
+            table[f"SiT-{size}/{patch}"] = (SiT, dict(kwargs, patch_size=patch))
+    for size, kwargs in _SIT_DOWN_SIZES.items():
+        for patch in (2, 4) if size == "T" else (2,):
+            table[f"SiTDown-{size}/{patch}"] = (SiTDown, dict(kwargs, patch_size=patch))
+    for size, kwargs in _UNET_SIZES.items():
+        table[f"UNet-{size}"] = (UNet, dict(kwargs))
+    return table
+
+
+_MODELS = _table()
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def model_names() -> list[str]:
+    """Every name build_model accepts, in table order."""
+    return list(_MODELS)
+
+
+def build_model(name: str, **overrides: Any) -> nn.Module:
+    """Build the backbone `name` (see model_names()) with constructor overrides; None values are ignored.
+
+    The returned module carries `name` (the registry name). Raises ValueError for an unknown name or
+    an override the architecture does not take.
+    """
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r} (model.name): valid names are {', '.join(_MODELS)}")
+    cls, kwargs = _MODELS[name]
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if cls is UNet:
+        for switch in ("use_rope", "use_swiglu"):
+            if overrides.pop(switch, False):
+                raise ValueError(
+                    f"{name} is a convolutional U-Net: it has no {switch} option; set model.{switch} to "
+                    "None (architecture default) or false"
+                )
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(f"{name} does not take {unknown}: accepted overrides are {sorted(accepted)}")
+    model = cls(**{**kwargs, **overrides})
+    model.name = name
+    return model
