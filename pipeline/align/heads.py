@@ -1,0 +1,108 @@
+"""What sits between a student's hidden tokens and the teacher's: the projector and the grid adapter.
+
+U-REPA's order (METHODS.md): the projector MLP runs FIRST, per token, on the student's own grid; the
+projected map is THEN resized to the teacher's patch grid. The same resize maps any student grid to
+any teacher grid, up or down, so REPA with mismatched grids uses it too.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ResizeMode = Literal["nearest", "bilinear", "bicubic"]
+RESIZE_MODES = ("nearest", "bilinear", "bicubic")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                         Projector
+# ----------------------------------------------------------------------------------------------
+
+
+class Projector(nn.Sequential):
+    """REPA's per-token MLP: Linear(in, hidden) - SiLU - Linear(hidden, hidden) - SiLU - Linear(hidden, out).
+
+    [B, N, in_dim] -> [B, N, out_dim].
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048):
+        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden", hidden)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Projector: {name} must be a positive int, got {value!r}")
+        super().__init__(
+            nn.Linear(in_dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, out_dim),
+        )
+        self.in_dim, self.out_dim, self.hidden = in_dim, out_dim, hidden
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        Grid adapter
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_grid(name: str, grid: tuple[int, int]) -> tuple[int, int]:
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(g, int) and g >= 1 for g in grid)
+    ):
+        raise ValueError(f"{name} must be a pair of positive ints (h, w), got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
+def align_to_grid(
+    tokens: torch.Tensor,
+    src_grid: tuple[int, int],
+    dst_grid: tuple[int, int],
+    mode: ResizeMode = "bilinear",
+) -> torch.Tensor:
+    """Resize a row-major token map from src_grid to dst_grid.
+
+    tokens [B, h*w, D] -> [B, gh*gw, D]. The tokens are viewed as a D-channel (h, w) map and resized
+    with F.interpolate: align_corners=False for bilinear/bicubic, antialias off in every direction,
+    and "nearest" is PyTorch's nearest (source index floor(i * h / gh)). Matching grids return
+    `tokens` itself. Differentiable; runs in the dtype of `tokens`.
+    """
+    h, w = _check_grid("src_grid", src_grid)
+    gh, gw = _check_grid("dst_grid", dst_grid)
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"align_to_grid: mode={mode!r} is not one of {RESIZE_MODES}")
+    if tokens.ndim != 3 or tokens.shape[1] != h * w:
+        raise ValueError(
+            f"align_to_grid: tokens must be [B, h*w, D] = [B, {h * w}, D] for src_grid {(h, w)}, "
+            f"got {tuple(tokens.shape)}"
+        )
+    if (h, w) == (gh, gw):
+        return tokens
+    b, _, d = tokens.shape
+    fmap = tokens.reshape(b, h, w, d).permute(0, 3, 1, 2)  # [B, D, h, w] (channels-last memory)
+    if mode == "nearest":
+        out = F.interpolate(fmap, size=(gh, gw), mode="nearest")
+    else:
+        out = F.interpolate(fmap, size=(gh, gw), mode=mode, align_corners=False, antialias=False)
+    return out.permute(0, 2, 3, 1).reshape(b, gh * gw, d)
+
+
+class GridAdapter(nn.Module):
+    """align_to_grid with fixed grids and mode; no parameters. [B, h*w, D] -> [B, gh*gw, D]."""
+
+    def __init__(self, src_grid: tuple[int, int], dst_grid: tuple[int, int], mode: ResizeMode = "bilinear"):
+        super().__init__()
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"GridAdapter: mode={mode!r} is not one of {RESIZE_MODES}")
+        self.src_grid = _check_grid("src_grid", src_grid)
+        self.dst_grid = _check_grid("dst_grid", dst_grid)
+        self.mode = mode
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return align_to_grid(tokens, self.src_grid, self.dst_grid, self.mode)
+
+    def extra_repr(self) -> str:
+        return f"src_grid={self.src_grid}, dst_grid={self.dst_grid}, mode={self.mode!r}"
