@@ -1,0 +1,21 @@
+"""Evaluation metrics as ADM's evaluator defines them: FID / sFID (Frechet distance of Inception
+statistics), Inception Score, improved precision / recall, and ADM-layout reference batches.
+
+Loading the Inception network (load_inception) reads its weights only when called."""
+
+from pipeline.metrics.frechet import feature_statistics, frechet_distance
+from pipeline.metrics.inception import InceptionFeatures, load_inception
+from pipeline.metrics.reference import Reference, load_reference, save_reference
+from pipeline.metrics.scores import inception_score, precision_recall
+
+__all__ = [
+    "InceptionFeatures",
+    "Reference",
+    "feature_statistics",
+    "frechet_distance",
+    "inception_score",
+    "load_inception",
+    "load_reference",
+    "precision_recall",
+    "save_reference",
+]
