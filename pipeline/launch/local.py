@@ -1,0 +1,92 @@
+"""Launcher "local": this process, or `num_workers` spawned processes on this machine.
+
+num_workers = 1: `train_fn(config)` runs in the calling process as rank 0 of 1, without a process
+group. num_workers > 1: torch.multiprocessing spawns one process per rank; each joins a gloo (CPU)
+or NCCL (GPU) process group rendezvousing on a free localhost port, runs `train_fn(config)` and
+leaves the group. If any rank fails, the others are stopped and the error is raised here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.launch import WorkerContext, set_context, worker_device
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(
+    rank: int,
+    train_fn: Callable[[dict], Any],
+    config: dict,
+    world_size: int,
+    use_gpu: bool | None,
+    backend: str,
+    port: int,
+    results: Any,
+) -> None:
+    """Body of spawned rank `rank`: join the group, run, leave; rank 0 sends back its result."""
+    os.environ.update({
+        "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    })
+    device = worker_device(use_gpu, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # share this machine's cores between the ranks instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    set_context(WorkerContext(rank=rank, world_size=world_size, local_rank=rank, device=device, launcher="local"))
+    try:
+        result = train_fn(config)
+        if rank == 0:
+            results.put(result)
+    finally:
+        set_context(None)
+        dist.destroy_process_group()
+
+
+def launch(
+    train_fn: Callable[[dict], Any],
+    config: dict,
+    num_workers: int = 1,
+    use_gpu: bool | None = None,
+    backend: str | None = None,
+    port: int | None = None,
+) -> Any:
+    """Run `train_fn(config)` on `num_workers` local workers; returns rank 0's (small, picklable) result."""
+    if num_workers == 1:
+        set_context(WorkerContext(device=worker_device(use_gpu, 0), launcher="local"))
+        try:
+            return train_fn(config)
+        finally:
+            set_context(None)
+    device = worker_device(use_gpu, 0)
+    if device.type == "cuda" and torch.cuda.device_count() < num_workers:
+        raise ValueError(
+            f"train.num_workers={num_workers} local GPU workers need as many GPUs, found "
+            f"{torch.cuda.device_count()}: lower train.num_workers or use the ray launcher"
+        )
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(
+        _worker,
+        args=(train_fn, config, num_workers, use_gpu, backend, port or free_port(), results),
+        nprocs=num_workers,
+        join=True,
+        start_method="spawn",
+    )
+    return None if results.empty() else results.get()

@@ -1,0 +1,184 @@
+"""Training checkpoints and exported weights of a run directory.
+
+    {run_dir}/checkpoints/step-{step:09d}.pt   the whole training state after `step` optimiser steps
+    {run_dir}/ema.safetensors                  EMA weights of the backbone (sampling uses these)
+    {run_dir}/model.safetensors                raw weights of the backbone
+
+Every file is written to a temporary sibling, fsynced and renamed into place, so a killed job never
+leaves a truncated checkpoint that `latest` could pick. Checkpoints hold only tensors and plain
+containers of primitives and load with `torch.load(weights_only=True)`.
+
+A checkpoint dict holds: step, model, ema, optimizer, objective, scaler, rng (see `rng_state`),
+data (seed, batch_size, step: the data position), world_size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from pipeline.stores.atomic import FILE_MODE, fsync_dir
+
+PathLike = str | os.PathLike
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step-(\d{9,})\.pt$")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                      Finding checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(run_dir: PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:09d}.pt"
+
+
+def step_of(path: PathLike) -> int:
+    """The step encoded in a checkpoint file name `step-000001234.pt`."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint file name (expected step-<9 digits>.pt)")
+    return int(m.group(1))
+
+
+def list_checkpoints(directory: PathLike) -> list[Path]:
+    """Checkpoint files of a run directory (its checkpoints/ folder) or of a folder holding them, oldest first."""
+    directory = Path(directory)
+    found = []
+    for folder in (directory / CHECKPOINT_DIR, directory):
+        if folder.is_dir():
+            found += [p for p in folder.iterdir() if p.is_file() and _NAME.match(p.name)]
+    return sorted(set(found), key=step_of)
+
+
+def latest(run_dir: PathLike) -> Path | None:
+    """The newest checkpoint of `run_dir`, or None when there is none."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune(run_dir: PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints of `run_dir`; returns the deleted paths."""
+    if keep < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
+    old = list_checkpoints(Path(run_dir) / CHECKPOINT_DIR)[:-keep]
+    for p in old:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return old
+
+
+# ----------------------------------------------------------------------------------------------
+#                                       Save and load
+# ----------------------------------------------------------------------------------------------
+
+
+def _atomic_torch_save(obj: Any, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+
+
+def save(run_dir: PathLike, step: int, state: dict[str, Any], keep: int | None = None) -> Path:
+    """Write `state` as checkpoints/step-{step:09d}.pt atomically, then keep only the newest `keep`."""
+    path = checkpoint_path(run_dir, step)
+    _atomic_torch_save(state, path)
+    if keep is not None:
+        prune(run_dir, keep)
+    return path
+
+
+def load(path: PathLike) -> dict[str, Any]:
+    """A checkpoint dict, on CPU, loaded with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist: pass an existing step-*.pt file or resume='auto'")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to resume "
+                         "from the previous one") from e
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          RNG state
+# ----------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, CUDA, numpy and python RNG states as tensors and primitives (weights_only-safe)."""
+    np_state = np.random.get_state(legacy=False)
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured (CUDA only where as many devices exist)."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"], "gauss": n["gauss"],
+    })
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+# ----------------------------------------------------------------------------------------------
+#                                       Exported weights
+# ----------------------------------------------------------------------------------------------
+
+
+def export_safetensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write `tensors` (moved to CPU, contiguous, unshared) with string `metadata` to `path` atomically."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        save_file(plain, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+    return final

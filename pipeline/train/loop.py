@@ -1,0 +1,392 @@
+"""The training loop every launcher runs: one function, configured by keyword arguments.
+
+Steps are counted from 0: step s is the (s+1)-th optimiser update, it reads item s of the dataset
+and calls the objective with `step=s`; once it is done, s+1 steps are done. Checkpoints, metric
+rows, exported weights and error messages are labelled with the number of steps done, so
+`step-000000003.pt` holds the state after 3 updates and resuming from it runs step index 3 next.
+
+One step on each of W workers:
+    batch (this worker's B/W samples, prepared by the DataLoader) -> grad_accum micro batches ->
+    loss, logs = objective(model, micro batch, teacher targets, s); (loss / grad_accum).backward()
+    [DDP averages the backbone's gradients; the objective's projector gradients are averaged by one
+    all-reduce] -> non-finite loss: RuntimeError -> clip the global grad norm -> AdamW (linear
+    warm-up of the learning rate) -> EMA update.
+Every `log_every` steps rank 0 appends the window's averages to metrics.jsonl and TensorBoard;
+every `checkpoint_every` steps and at the end it writes a checkpoint, and every rank then calls
+`report_fn(metrics, path on rank 0 / None elsewhere)` (Ray needs all ranks to report in lockstep);
+at the end it exports ema.safetensors and model.safetensors (keys of `model.state_dict()`).
+
+Determinism: the data of step s is a function of (seed, s) only (pipeline.train.data), the model is
+initialised after torch.manual_seed(seed) on every rank, and a checkpoint carries the model, EMA,
+optimiser, objective, grad scaler and RNG states; on CPU a run stopped and resumed ends with the
+same bits as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from pipeline.launch import current_context
+from pipeline.teachers.targets import TeacherTargets
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.data import TrainDataset
+from pipeline.train.ema import EMA
+from pipeline.train.logging import MetricsLogger
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+#                                         Small pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, lr: float, warmup_steps: int) -> float:
+    """lr * min(1, (step + 1) / warmup_steps): linear warm-up over the first updates, then constant."""
+    if warmup_steps <= 0:
+        return lr
+    return lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def split_micro(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Cut every tensor of `batch` (nested dicts too) into n equal parts along dim 0."""
+    if n == 1:
+        return [batch]
+    parts: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, value in batch.items():
+        pieces = split_micro(value, n) if isinstance(value, dict) else value.chunk(n)
+        for part, piece in zip(parts, pieces, strict=True):
+            part[key] = piece
+    return parts
+
+
+def average_grads(params: list[nn.Parameter], world_size: int) -> None:
+    """Average the gradients of `params` over the workers with one all-reduce (None stays None)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world_size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _resume_path(resume: str, run_dir: Path, restore_dir: str | None) -> Path | None:
+    """The checkpoint to start from: resume = auto (newest of run_dir and the launcher's) | never | path."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return Path(resume)
+    found = [p for p in (ckpt.latest(run_dir), ckpt.latest(restore_dir) if restore_dir else None) if p]
+    return max(found, key=ckpt.step_of) if found else None
+
+
+def _check_same_everywhere(value: int, world_size: int, device: torch.device, what: str) -> None:
+    """Raise unless every rank holds the same `value` (e.g. the step it resumes from)."""
+    if world_size == 1:
+        return
+    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if t[0].item() != -t[1].item():
+        raise RuntimeError(
+            f"workers disagree on {what} (from {-t[1].item():.0f} to {t[0].item():.0f}): every worker must see "
+            "the same run directory (shared file system) or the same restored checkpoint"
+        )
+
+
+class _Window:
+    """Sums over the steps since the last metrics row."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+        self.grad_norm = 0.0
+        self.data_wait = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for key, value in logs.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def row(self, world_size: int, batch_size: int, lr: float) -> dict[str, float]:
+        """Averages over the window and the workers (a collective: every rank calls it)."""
+        keys = sorted(self.sums)
+        row: dict[str, float] = {}
+        if keys:
+            values = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+            if world_size > 1:
+                dist.all_reduce(values)
+                values /= world_size
+            row.update(zip(keys, values.tolist(), strict=True))
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        row.update(
+            grad_norm=self.grad_norm / max(self.steps, 1), lr=lr,
+            steps_per_s=self.steps / elapsed, images_per_s=self.steps * batch_size / elapsed,
+            data_wait=min(1.0, self.data_wait / elapsed),
+        )
+        return row
+
+
+def _export_weights(run_dir: Path, model: nn.Module, ema: EMA, step: int, metadata: dict[str, str]) -> Path:
+    """ema.safetensors and model.safetensors with {model, step} metadata; returns the EMA file."""
+    meta = {"model": str(getattr(model, "name", "") or type(model).__name__), "step": str(step), **metadata}
+    ckpt.export_safetensors(run_dir / "model.safetensors", model.state_dict(), meta)
+    return ckpt.export_safetensors(run_dir / "ema.safetensors", ema.state_dict(), meta)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def training_loop(
+    *,
+    run_dir: str | Path,  # output folder: checkpoints/, metrics.jsonl, tensorboard/, *.safetensors
+    build_model: Callable[[], nn.Module],  # () -> backbone returning ModelOutput; called after manual_seed(seed)
+    build_objective: Callable[[nn.Module], nn.Module],  # (model) -> objective(model, batch, teacher, step)
+    dataset: TrainDataset,  # per-step batches; layout set here; needs_teacher defaults to the objective's
+    teacher_source: Callable[[dict | None, int], TeacherTargets | None] | None = None,  # (arrays on device, step)
+    steps: int,  # optimiser steps of the whole run (a resumed run continues up to it)
+    batch_size: int = 256,  # global batch: all workers and all accumulation rounds together
+    grad_accum: int = 1,  # micro batches per step on each worker
+    lr: float = 1e-4,  # AdamW learning rate after warm-up
+    betas: tuple[float, float] = (0.9, 0.999),  # AdamW betas
+    weight_decay: float = 0.0,  # AdamW decoupled weight decay
+    eps: float = 1e-8,  # AdamW epsilon
+    warmup_steps: int = 0,  # linear learning-rate warm-up steps (0 = none)
+    grad_clip: float = 1.0,  # max global gradient norm (0 = no clipping)
+    ema_decay: float = 0.9999,  # EMA decay per step
+    precision: str = "bf16",  # fp32 | bf16 | fp16 autocast (CUDA only; fp16 adds a GradScaler)
+    compile: bool = False,  # torch.compile the (DDP-wrapped) backbone
+    checkpoint_every: int = 50_000,  # steps between checkpoints (one is also written at the end)
+    keep_checkpoints: int = 2,  # newest checkpoints kept on disk
+    log_every: int = 100,  # steps between metrics rows (one is also written at the end)
+    sample_every: int = 0,  # steps between sample_fn calls (0 = only at the end)
+    sample_fn: Callable[[nn.Module, int], None] | None = None,  # (ema model in eval mode, steps done), rank 0
+    seed: int = 0,  # model init (torch.manual_seed on every rank); the dataset carries its own seed
+    device: torch.device | str | None = None,  # None = the launcher's device (CUDA if available)
+    rank: int | None = None,  # None = the launcher's rank
+    world_size: int | None = None,  # None = the launcher's world size
+    loader_workers: int = 0,  # DataLoader processes per worker (0 = load in this process)
+    resume: str = "auto",  # auto (newest checkpoint, if any) | never (start over) | path of a checkpoint
+    report_fn: Callable[[dict[str, float], str | None], None] | None = None,  # None = the launcher's (Ray)
+    progress: bool = True,  # progress bar with steps/s and images/s on rank 0
+    metadata: dict[str, str] | None = None,  # extra metadata stored in the exported safetensors
+) -> dict[str, Any]:
+    """Train; returns {step, loss, steps_per_s, images_per_s, checkpoint, ema} (see module docstring)."""
+    # -- who and where ----------------------------------------------------------------------------
+    ctx = current_context()
+    rank = ctx.rank if rank is None else rank
+    world_size = ctx.world_size if world_size is None else world_size
+    device = torch.device(device) if device is not None else (
+        ctx.device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    report_fn = report_fn if report_fn is not None else ctx.report_fn
+    if world_size > 1 and not dist.is_initialized():
+        raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised: start the run "
+                           "through pipeline.launch.launch (local, torchrun or ray)")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"train.precision={precision!r}; expected fp32, bf16 or fp16")
+    if resume not in ("auto", "never") and not Path(resume).is_file():
+        raise ValueError(f"resume={resume!r} is neither 'auto', 'never' nor an existing checkpoint file")
+    if batch_size % world_size or (batch_size // world_size) % grad_accum:
+        raise ValueError(
+            f"train.batch_size={batch_size} must split evenly over {world_size} workers x "
+            f"{grad_accum} accumulation rounds (train.num_workers, train.grad_accum)"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dataset.layout(batch_size, rank, world_size)
+
+    # -- the trained state ------------------------------------------------------------------------
+    torch.manual_seed(seed)
+    model = build_model().to(device).train()
+    objective = build_objective(model).to(device).train()
+    if dataset.teacher is not None and dataset.needs_teacher is None:
+        dataset.needs_teacher = objective.needs_teacher
+    model_params = [p for p in model.parameters() if p.requires_grad]
+    objective_params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(model_params + objective_params, lr=lr, betas=tuple(betas),
+                                  weight_decay=weight_decay, eps=eps)
+    ema = EMA(model)
+    autocast_dtype = AUTOCAST.get(precision) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+
+    start, rng = 0, None
+    last_checkpoint = _resume_path(resume, run_dir, ctx.restore_dir)
+    if resume == "never" and rank == 0:
+        for old in ckpt.list_checkpoints(run_dir / ckpt.CHECKPOINT_DIR):
+            old.unlink()
+    if last_checkpoint is not None:
+        state = ckpt.load(last_checkpoint)
+        data = state["data"]
+        if (data["seed"], data["batch_size"]) != (dataset.seed, batch_size):
+            raise ValueError(
+                f"checkpoint {last_checkpoint} was written with data seed {data['seed']} and batch size "
+                f"{data['batch_size']}, this run has {dataset.seed} and {batch_size}: resuming would change the "
+                "data order; use a new run directory or resume='never'"
+            )
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start, rng = int(state["step"]), state["rng"]
+        del state
+    _check_same_everywhere(start, world_size, device, "the step to resume from")
+    if start > steps:
+        raise ValueError(f"checkpoint {last_checkpoint} is at step {start}, past train.steps={steps}: raise "
+                         "train.steps or use a new run directory")
+    if world_size > 1:
+        for p in objective_params:  # projectors start equal on every rank (the backbone: DDP does it)
+            dist.broadcast(p.data, src=0)
+    net: nn.Module = model
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        net = torch.compile(net)
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start)
+    bar = tqdm(total=steps, initial=start, unit="step", desc="train", dynamic_ncols=True,
+               disable=not (progress and rank == 0))
+    window, row, loss_value = _Window(), {}, math.nan
+    run_start, ema_model = time.perf_counter(), None
+    micro_size = batch_size // world_size // grad_accum
+    loader = dataset.loader(start, steps, loader_workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+
+    try:
+        for step in range(start, steps):
+            # -- data ---------------------------------------------------------------------------
+            t0 = time.perf_counter()
+            batch = next(batches)
+            window.data_wait += time.perf_counter() - t0
+            arrays = batch.pop("teacher", None)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            needs = objective.needs_teacher(step)
+            if needs and teacher_source is None:
+                raise ValueError(f"{type(objective).__name__} needs teacher targets at step {step} but no "
+                                 "teacher_source was given")
+            if needs and arrays is not None:
+                batch["teacher"] = {k: v.to(device, non_blocking=True) for k, v in arrays.items()}
+
+            # -- forward and backward over the micro batches -------------------------------------
+            loss_sum, step_logs = torch.zeros((), device=device), {}
+            for i, micro in enumerate(split_micro(batch, grad_accum)):
+                if micro["x0"].shape[0] != micro_size:
+                    raise RuntimeError(f"micro batch of {micro['x0'].shape[0]} samples, expected {micro_size}")
+                teacher = teacher_source(micro.pop("teacher", None), step) if needs else None
+                last = i == grad_accum - 1
+                sync = contextlib.nullcontext() if last or world_size == 1 else net.no_sync()
+                amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+                       else contextlib.nullcontext())
+                with sync:
+                    with amp:
+                        loss, logs = objective(net, micro, teacher, step)
+                    scaled = loss / grad_accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_sum += loss.detach().float() / grad_accum
+                for k, v in logs.items():
+                    step_logs[k] = step_logs.get(k, 0.0) + v.detach().float() / grad_accum
+            window.add(step_logs)
+            average_grads(objective_params, world_size)
+
+            # -- non-finite loss: stop before the update ---------------------------------------
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            params = model_params + objective_params
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+            stats = torch.stack([loss_sum, grad_norm.detach().float().to(device)])
+            if world_size > 1:
+                dist.all_reduce(stats)
+                stats /= world_size
+            loss_value, norm_value = stats.tolist()
+            if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(norm_value)):
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                value = loss_value if what == "loss" else norm_value
+                raise RuntimeError(
+                    f"{what} is {value} at step {step + 1} (update {step + 1} of {steps}); last good "
+                    f"checkpoint: {last_checkpoint if last_checkpoint is not None else 'none written yet'}"
+                )
+
+            # -- update ---------------------------------------------------------------------------
+            current_lr = learning_rate(step, lr, warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(model, ema_decay)
+            done = step + 1
+            window.steps += 1
+            window.grad_norm += norm_value
+            bar.update(1)
+
+            # -- log, checkpoint, sample ----------------------------------------------------------
+            if done % log_every == 0 or done == steps:
+                row = window.row(world_size, batch_size, current_lr)
+                logger.log(done, row)
+                bar.set_postfix(loss=f"{row.get('loss', loss_value):.4f}", img_s=f"{row['images_per_s']:.1f}")
+                window = _Window()
+            if done % checkpoint_every == 0 or done == steps:
+                last_checkpoint = ckpt.checkpoint_path(run_dir, done)
+                if rank == 0:
+                    ckpt.save(run_dir, done, {
+                        "step": done, "model": model.state_dict(), "ema": ema.state_dict(),
+                        "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else {},
+                        "rng": ckpt.rng_state(), "world_size": world_size,
+                        "data": {"seed": dataset.seed, "batch_size": batch_size, "step": done},
+                    }, keep=keep_checkpoints)
+                if report_fn is not None:
+                    report_fn({**row, "step": done}, str(last_checkpoint) if rank == 0 else None)
+            if rank == 0 and sample_fn is not None and (
+                    (sample_every and done % sample_every == 0) or done == steps):
+                if ema_model is None:
+                    ema_model = copy.deepcopy(model)
+                ema.copy_to(ema_model).eval()
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    sample_fn(ema_model, done)
+    finally:
+        bar.close()
+        logger.close()
+        del batches
+
+    # -- export -----------------------------------------------------------------------------------
+    ema_path = run_dir / "ema.safetensors"
+    if rank == 0:
+        ema_path = _export_weights(run_dir, model, ema, steps, metadata or {})
+    if world_size > 1:
+        dist.barrier()
+    elapsed = max(time.perf_counter() - run_start, 1e-9)
+    return {
+        "step": steps, "loss": loss_value, "steps_per_s": (steps - start) / elapsed,
+        "images_per_s": (steps - start) * batch_size / elapsed,
+        "checkpoint": str(last_checkpoint) if last_checkpoint is not None else None, "ema": str(ema_path),
+    }

@@ -1,0 +1,407 @@
+"""Training library: data order and per-sample noise, EMA, checkpoints, the loop and its launchers.
+
+Everything runs on CPU with stand-ins: a tiny conv backbone returning ModelOutput, the plain
+flow-matching objective, and in-memory numpy arrays as the latents and teacher stores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from pipeline.align.base import FlowMatching, LossTerms, flow_matching_loss
+from pipeline.launch import WorkerContext, current_context, launch, set_context
+from pipeline.models.output import ModelOutput
+from pipeline.teachers.targets import TeacherTargets
+from pipeline.train import EMA, TrainDataset, training_loop
+from pipeline.train import checkpoint as ckpt
+
+C, H, N, NUM_CLASSES = 2, 4, 24, 3
+TESTS = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------
+#                                         Stand-ins
+# ----------------------------------------------------------------------------------------------
+
+
+class TinyNet(nn.Module):
+    """x [B,C,H,W], t [B], y [B] -> ModelOutput(velocity [B,C,H,W])."""
+
+    name = "TinyNet"
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.inp = nn.Conv2d(C, width, 3, padding=1)
+        self.t_embed = nn.Linear(1, width)
+        self.y_embed = nn.Embedding(NUM_CLASSES + 1, width)
+        self.out = nn.Conv2d(width, C, 3, padding=1)
+
+    def forward(self, x, t, y, align_depth=None, attn_layers=()):
+        h = self.inp(x) + (self.t_embed(t[:, None]) + self.y_embed(y))[:, :, None, None]
+        return ModelOutput(velocity=self.out(F.silu(h)))
+
+
+class ArrayReader:
+    """A picklable 'store': reader(sorted unique indices) -> rows, counting its calls."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.calls = array, 0
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        assert np.all(np.diff(indices) > 0), "readers get sorted unique indices"
+        self.calls += 1
+        return self.array[indices]
+
+
+class TokenReader(ArrayReader):
+    def __call__(self, indices):
+        return {"tokens": super().__call__(indices)}
+
+
+def store(n: int = N, std: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """moments [n, 2C, H, H] (mean, std) and labels [n]."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=(n, C, H, H)).astype(np.float32) * 2
+    moments = np.concatenate([mean, np.full_like(mean, std)], axis=1)
+    return moments, rng.integers(0, NUM_CLASSES, n)
+
+
+def dataset(n: int = N, std: float = 0.1, **kw) -> TrainDataset:
+    moments, labels = store(n, std)
+    kw = {"num_classes": NUM_CLASSES, "seed": 0, "scale": 1.0, **kw}
+    return TrainDataset(ArrayReader(moments), labels, **kw)
+
+
+def loop_args(run_dir, **over) -> dict:
+    args = dict(
+        run_dir=run_dir, build_model=TinyNet, build_objective=lambda m: FlowMatching(), dataset=dataset(),
+        steps=6, batch_size=8, lr=3e-3, grad_clip=1.0, ema_decay=0.9, precision="fp32",
+        checkpoint_every=3, keep_checkpoints=2, log_every=1, seed=0, device="cpu", progress=False,
+    )
+    args.update(over)
+    return args
+
+
+def rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_fn(config: dict) -> dict:
+    """What a launcher runs per worker: rank and world size come from the worker context."""
+    ctx = current_context()
+    assert torch.distributed.is_initialized() == (ctx.world_size > 1) or ctx.launcher == "ray"
+    return training_loop(**loop_args(config["run_dir"], steps=config["steps"], checkpoint_every=config["steps"],
+                                     grad_accum=config.get("grad_accum", 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+#                                            Data
+# ----------------------------------------------------------------------------------------------
+
+
+def test_data_order_is_a_fixed_permutation_per_epoch():
+    ds = dataset(n=10, batch_size=4)
+    stream = np.concatenate([ds.indices(s) for s in range(5)])  # 20 positions = 2 epochs
+    for e in range(2):
+        epoch = stream[10 * e: 10 * (e + 1)]
+        assert sorted(epoch) == list(range(10))
+        assert np.array_equal(epoch, np.random.Generator(np.random.PCG64([0, e])).permutation(10))
+    assert not np.array_equal(stream[:10], stream[10:])
+    other = dataset(n=10, seed=1, batch_size=4)
+    assert not np.array_equal(np.concatenate([other.indices(s) for s in range(3)]), stream[:12])
+
+
+def test_two_workers_split_exactly_the_batch_of_one():
+    one = dataset(n=20, batch_size=8)
+    halves = [dataset(n=20, batch_size=8, rank=r, world_size=2) for r in range(2)]
+    for step in (0, 2, 7):  # step 2 straddles the boundary of epochs 0 and 1
+        full = one[step]
+        parts = [h[step] for h in halves]
+        for key in ("x0", "eps", "t", "y", "index", "flip"):
+            assert torch.equal(full[key], torch.cat([p[key] for p in parts])), key
+    assert not torch.equal(one[0]["eps"], one[1]["eps"])
+
+
+def test_latent_sample_labels_and_dropout():
+    moments, labels = store(std=0.0)
+    ds = TrainDataset(ArrayReader(moments), labels, num_classes=NUM_CLASSES, scale=0.5, class_dropout=0.0,
+                      batch_size=16)
+    b = ds[3]
+    assert torch.equal(b["x0"], torch.from_numpy(moments[b["index"].numpy(), :C]) * 0.5)  # std 0: z = mean*scale
+    assert torch.equal(b["y"], torch.from_numpy(labels[b["index"].numpy()]))
+    assert b["x0"].dtype == b["eps"].dtype == b["t"].dtype == torch.float32 and b["y"].dtype == torch.int64
+    assert ((b["t"] > 0) & (b["t"] < 1)).all()
+    dropped = TrainDataset(ArrayReader(moments), labels, num_classes=NUM_CLASSES, class_dropout=1.0, batch_size=16)
+    assert (dropped[3]["y"] == NUM_CLASSES).all()
+    # std 1, mean 0: (x0 / scale) is the posterior noise itself, a standard normal independent of eps
+    unit = np.concatenate([np.zeros_like(moments[:, :C]), np.ones_like(moments[:, :C])], axis=1)
+    noisy = TrainDataset(ArrayReader(unit), labels, num_classes=NUM_CLASSES, scale=2.0, batch_size=64)[0]
+    z = noisy["x0"] / 2.0
+    assert abs(z.mean().item()) < 0.1 and abs(z.std().item() - 1) < 0.1
+    assert abs(torch.corrcoef(torch.stack([z.flatten(), noisy["eps"].flatten()]))[0, 1].item()) < 0.1
+
+
+def test_flip_variant_is_chosen_per_sample():
+    moments, labels = store(std=0.0)
+    mirrored = moments.copy()
+    mirrored[:, :C] += 100.0  # variant 1 is recognisable by its mean
+    readers = [ArrayReader(moments), ArrayReader(mirrored)]
+    b = TrainDataset(readers, labels, num_classes=NUM_CLASSES, scale=1.0, batch_size=24)[0]
+    shifted = (b["x0"] > 50).flatten(1).all(dim=1)
+    assert torch.equal(shifted, b["flip"] == 1)
+    assert 0 < int(b["flip"].sum()) < 24
+    assert torch.equal(b["x0"][~shifted], torch.from_numpy(moments[b["index"][~shifted].numpy(), :C]))
+
+
+def test_teacher_is_read_only_while_needed():
+    tokens = np.random.default_rng(0).normal(size=(N, 4, 8)).astype(np.float16)
+    reader = TokenReader(tokens)
+    ds = dataset(teacher=reader, needs_teacher=lambda s: s < 2, batch_size=8)
+    has = [("teacher" in ds[s]) for s in range(6)]
+    assert has == [True, True, False, False, False, False]
+    assert ds.teacher_reads == reader.calls == 2
+    b = ds[1]
+    assert torch.equal(b["teacher"]["tokens"], torch.from_numpy(tokens[b["index"].numpy()]))
+
+
+# ----------------------------------------------------------------------------------------------
+#                                    EMA and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ema_follows_the_closed_form():
+    model = nn.BatchNorm1d(3)  # a parameter and an integer buffer
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema = EMA(model)
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+        model.num_batches_tracked.fill_(7)
+    for _ in range(3):
+        ema.update(model, 0.9)
+    expected = 0.9 ** 3 * 2.0 + (1 - 0.9 ** 3) * 5.0  # s_k = d^k s_0 + (1 - d^k) p
+    assert torch.allclose(ema.state_dict()["weight"], torch.full((3,), expected), atol=1e-6)
+    assert int(ema.state_dict()["num_batches_tracked"]) == 7
+    fresh = ema.copy_to(nn.BatchNorm1d(3))
+    assert torch.allclose(fresh.weight, torch.full((3,), expected), atol=1e-6)
+
+
+def test_checkpoint_save_keep_latest_and_rng(tmp_path):
+    for step in (2, 4, 6):
+        ckpt.save(tmp_path, step, {"step": step, "w": torch.full((2,), float(step))}, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-000000004.pt", "step-000000006.pt"]  # no temporary files left either
+    assert ckpt.latest(tmp_path).name == "step-000000006.pt"
+    assert ckpt.load(ckpt.latest(tmp_path))["w"].tolist() == [6.0, 6.0]
+    assert ckpt.latest(tmp_path / "nothing") is None
+
+    state = ckpt.rng_state()
+    first = (torch.rand(3), np.random.rand(), random.random())
+    ckpt.save(tmp_path, 8, {"rng": state})
+    torch.rand(5), np.random.rand(2), random.random()
+    ckpt.set_rng_state(ckpt.load(tmp_path / "checkpoints" / "step-000000008.pt")["rng"])
+    again = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def test_loss_decreases(tmp_path):
+    summary = training_loop(**loop_args(tmp_path, steps=60, log_every=10, checkpoint_every=60, lr=1e-2))
+    losses = [r["loss"] for r in rows(tmp_path)]
+    assert len(losses) == 6
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert summary["step"] == 60 and summary["images_per_s"] > 0
+
+
+def test_outputs_metrics_checkpoints_and_exports(tmp_path):
+    summary = training_loop(**loop_args(tmp_path, steps=7, log_every=2, checkpoint_every=2, keep_checkpoints=2,
+                                        ema_decay=1.0))
+    assert [r["step"] for r in rows(tmp_path)] == [2, 4, 6, 7]
+    for key in ("loss", "fm", "grad_norm", "lr", "images_per_s", "steps_per_s", "data_wait"):
+        assert key in rows(tmp_path)[0], key
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000006.pt", "step-000000007.pt"]
+    assert summary["checkpoint"] == str(tmp_path / "checkpoints" / "step-000000007.pt")
+    assert any((tmp_path / "tensorboard").iterdir())
+    # ema_decay = 1 freezes the EMA at the initial weights: those of TinyNet built after manual_seed(seed)
+    torch.manual_seed(0)
+    init = TinyNet().state_dict()
+    ema, raw = load_file(tmp_path / "ema.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert ema.keys() == init.keys()
+    assert all(torch.equal(ema[k], init[k]) for k in init)
+    assert not all(torch.equal(raw[k], init[k]) for k in init)
+    with safe_open(tmp_path / "ema.safetensors", "pt") as f:
+        assert f.metadata() == {"model": "TinyNet", "step": "7"}
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    training_loop(**loop_args(tmp_path / "a", steps=3))
+    training_loop(**loop_args(tmp_path / "b", steps=3, grad_accum=2))
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+
+def test_resume_after_a_crash_is_bitwise_equal(tmp_path):
+    full = tmp_path / "full"
+    training_loop(**loop_args(full))
+
+    crashed = tmp_path / "crashed"
+
+    def crash_at_4(model, step):
+        if step == 4:
+            raise KeyboardInterrupt("simulated kill after step 4")
+
+    with pytest.raises(KeyboardInterrupt):
+        training_loop(**loop_args(crashed, sample_fn=crash_at_4, sample_every=1))
+    assert [p.name for p in (crashed / "checkpoints").iterdir()] == ["step-000000003.pt"]
+    assert [r["step"] for r in rows(crashed)] == [1, 2, 3, 4]
+    summary = training_loop(**loop_args(crashed, loader_workers=1))  # resumes at 3, data from a loader process
+    assert summary["step"] == 6
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(full / name), load_file(crashed / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["step"] for r in rows(crashed)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows(crashed)] == [r["loss"] for r in rows(full)]
+
+
+def test_resume_from_a_launcher_restored_checkpoint(tmp_path):
+    """Under Ray a restarted worker may find the newest checkpoint only in Ray's restored directory."""
+    full = tmp_path / "full"
+    training_loop(**loop_args(full))
+    training_loop(**loop_args(tmp_path / "first", steps=3))
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy(tmp_path / "first" / "checkpoints" / "step-000000003.pt", restored)
+    reports = []
+    set_context(WorkerContext(restore_dir=str(restored), report_fn=lambda m, p: reports.append((m["step"], p))))
+    try:
+        training_loop(**loop_args(tmp_path / "second"))
+    finally:
+        set_context(None)
+    assert [r["step"] for r in rows(tmp_path / "second")] == [4, 5, 6]
+    assert reports == [(6, str(tmp_path / "second" / "checkpoints" / "step-000000006.pt"))]
+    a, b = load_file(full / "model.safetensors"), load_file(tmp_path / "second" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class NanAt(FlowMatching):
+    def __init__(self, bad_step: int):
+        super().__init__()
+        self.bad_step = bad_step
+
+    def terms(self, model, batch, teacher, step):
+        x_t, target = self.noised(batch)
+        fm = flow_matching_loss(self.call_model(model, x_t, batch).velocity, target)
+        return LossTerms(fm=fm * float("nan") if step == self.bad_step else fm)
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match=r"loss is nan at step 5 .*step-000000004\.pt"):
+        training_loop(**loop_args(tmp_path, build_objective=lambda m: NanAt(4), checkpoint_every=2, steps=8))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000002.pt", "step-000000004.pt"]
+    assert not (tmp_path / "ema.safetensors").exists()
+    state = ckpt.load(ckpt.latest(tmp_path))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+class TeacherUntil(FlowMatching):
+    """Needs teacher targets for steps < tau and records the steps that got them."""
+
+    def __init__(self, tau: int):
+        super().__init__()
+        self.tau, self.seen = tau, []
+
+    def needs_teacher(self, step):
+        return step < self.tau
+
+    def terms(self, model, batch, teacher, step):
+        if teacher is not None:
+            assert teacher.tokens.shape == (batch["x0"].shape[0], 4, 8)
+            self.seen.append(step)
+        return super().terms(model, batch, teacher, step)
+
+
+def test_no_teacher_data_after_switch_off(tmp_path):
+    tokens = np.random.default_rng(0).normal(size=(N, 4, 8)).astype(np.float16)
+
+    def run(steps):
+        ds, obj = dataset(teacher=TokenReader(tokens)), TeacherUntil(tau=2)
+        training_loop(**loop_args(tmp_path, steps=steps, dataset=ds, build_objective=lambda m: obj,
+                                  teacher_source=lambda arrays, step: TeacherTargets(tokens=arrays["tokens"].float())))
+        return ds, obj
+
+    ds, obj = run(5)
+    assert obj.seen == [0, 1] and ds.teacher_reads == 2 and ds.teacher.calls == 2
+    ds, obj = run(7)  # resumes at step 5, past tau
+    assert obj.seen == [] and ds.teacher_reads == 0 and ds.teacher.calls == 0
+
+
+# ----------------------------------------------------------------------------------------------
+#                                     Multi-worker launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    torch.manual_seed(0)
+    init = TinyNet().state_dict()
+    assert not all(torch.equal(a[k], init[k]) for k in a)  # training moved the weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+
+def test_launch_errors_and_torchrun_from_env(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="train.launcher='slurm' is unknown"):
+        launch("slurm", train_fn, {})
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node"):
+        launch("torchrun", train_fn, {})
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = launch("torchrun", train_fn, {"run_dir": str(tmp_path), "steps": 2}, use_gpu=False)
+    assert out["step"] == 2 and (tmp_path / "ema.safetensors").is_file()
+    assert current_context() == WorkerContext()  # cleared after the run
+
+
+@pytest.mark.slow
+def test_two_local_workers_equal_one(tmp_path):
+    one = launch("local", train_fn, {"run_dir": str(tmp_path / "one"), "steps": 3}, num_workers=1, use_gpu=False)
+    two = launch("local", train_fn, {"run_dir": str(tmp_path / "two"), "steps": 3}, num_workers=2, use_gpu=False)
+    assert one["step"] == two["step"] == 3
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_two_ray_workers_equal_one(tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is not installed")
+    try:
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": f"{TESTS}:{TESTS.parent}", "RAY_USAGE_STATS_ENABLED": "0"}})
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"a local Ray instance cannot start here: {type(e).__name__}: {e}")
+    try:
+        launch("local", train_fn, {"run_dir": str(tmp_path / "one"), "steps": 3}, num_workers=1, use_gpu=False)
+        metrics = launch("ray", train_fn, {"run_dir": str(tmp_path / "two"), "steps": 3}, num_workers=2,
+                         use_gpu=False, storage_path=str(tmp_path / "ray"), name="equal")
+    finally:
+        ray.shutdown()
+    assert metrics["step"] == 3
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    assert list((tmp_path / "ray" / "equal").glob("checkpoint_*/step-000000003.pt"))
