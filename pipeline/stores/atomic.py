@@ -9,6 +9,7 @@ is fsynced so the new name itself survives a power loss.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -17,6 +18,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 PathLike = str | os.PathLike
 
@@ -119,3 +122,10 @@ def atomic_dir(final_path: PathLike) -> Iterator[Path]:
     fsync_dir(final.parent)
     if moved_aside:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_npz(path: PathLike, **arrays: np.ndarray) -> None:
+    """Atomically write an uncompressed .npz of named arrays (np.load reads it back)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())

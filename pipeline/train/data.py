@@ -19,8 +19,9 @@ Stores are read through callables over sorted, unique int64 indices:
     moments reader(indices) -> float32 [n, 2c, h, w]: channels [:c] posterior mean, [c:] posterior std
                                 (one reader per stored variant: [moments] or [moments, moments_flip])
     teacher reader(indices) -> {name: array [n, ...]} (tokens [n, T, D] or hidden [n, T+1, D], fp16)
-Teacher arrays are those of the stored (unflipped) image; the batch's `flip` says which samples were
-mirrored.
+Teacher readers come one per variant too; a sample mirrored in the latent gets the mirrored image's
+teacher features (a single teacher reader serves every variant). The batch's `flip` says which
+samples were mirrored.
 
 `TrainDataset` is a map-style torch Dataset whose item s is worker r's share of step s, so a
 DataLoader(batch_size=None, sampler=range(start_step, steps)) resumes anywhere.
@@ -90,7 +91,7 @@ class TrainDataset(Dataset):
         scale: float = 0.18215,  # VAE scaling factor multiplied into the latent sample
         time_sampling: str = "uniform",  # uniform | lognormal
         path: str = "linear",  # interpolant path (lognormal's sigma -> t map depends on it)
-        teacher: TeacherReader | None = None,  # reader of cached teacher arrays, if any
+        teacher: TeacherReader | Sequence[TeacherReader] | None = None,  # teacher arrays, per variant like moments
         needs_teacher: Callable[[int], bool] | None = None,  # step -> read teacher arrays? None = always
         batch_size: int | None = None,  # global batch size (see `layout`)
         rank: int = 0,  # this worker
@@ -113,6 +114,7 @@ class TrainDataset(Dataset):
         self.time_sampling = time_sampling
         self.path = path
         self.teacher = teacher
+        self.teachers = (list(teacher) if isinstance(teacher, Sequence) else [teacher]) if teacher is not None else []
         self.needs_teacher = needs_teacher
         self.teacher_reads = 0  # calls of the teacher reader (in this process)
         self._orders: dict[int, np.ndarray] = {}
@@ -207,9 +209,20 @@ class TrainDataset(Dataset):
         }
         if self.teacher is not None and (self.needs_teacher is None or self.needs_teacher(step)):
             self.teacher_reads += 1
-            arrays = gather(self.teacher, idx)
-            batch["teacher"] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+            batch["teacher"] = self._teacher_arrays(idx, flip)
         return batch
+
+    def _teacher_arrays(self, idx: np.ndarray, flip: np.ndarray) -> dict[str, torch.Tensor]:
+        """Teacher arrays of each sample's own variant (mirrored samples get the mirrored image's)."""
+        out: dict[str, np.ndarray] = {}
+        for v in np.unique(flip):
+            sel = np.flatnonzero(flip == v)
+            part = gather(self.teachers[min(int(v), len(self.teachers) - 1)], idx[sel])
+            for k, a in part.items():
+                if k not in out:
+                    out[k] = np.empty((len(idx), *a.shape[1:]), a.dtype)
+                out[k][sel] = a
+        return {k: torch.from_numpy(v) for k, v in out.items()}
 
     # -- loading ----------------------------------------------------------------------------------
 

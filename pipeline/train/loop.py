@@ -155,6 +155,19 @@ def _export_weights(run_dir: Path, model: nn.Module, ema: EMA, step: int, metada
 # ----------------------------------------------------------------------------------------------
 
 
+def _trigger_check(trigger, model, objective, probe, done, rank, world_size, device, logger) -> None:
+    """Measure the gradient angle on rank 0's last micro batch; every rank takes rank 0's decision."""
+    micro, teacher = probe
+    value = trigger.check(model, objective, micro, teacher) if rank == 0 else 0.0
+    decision = torch.tensor([value, float(value < trigger.threshold)], device=device)
+    if world_size > 1:
+        dist.broadcast(decision, src=0)
+    value, stop = decision.tolist()
+    logger.log(done, {"trigger_cosine": value})
+    if stop:
+        objective.terminate(done)
+
+
 def training_loop(
     *,
     run_dir: str | Path,  # output folder: checkpoints/, metrics.jsonl, tensorboard/, *.safetensors
@@ -188,6 +201,7 @@ def training_loop(
     report_fn: Callable[[dict[str, float], str | None], None] | None = None,  # None = the launcher's (Ray)
     progress: bool = True,  # progress bar with steps/s and images/s on rank 0
     metadata: dict[str, str] | None = None,  # extra metadata stored in the exported safetensors
+    trigger: Any = None,  # HASTE early stop: .should_check(step), .check(...) -> cosine, .threshold
 ) -> dict[str, Any]:
     """Train; returns {step, loss, steps_per_s, images_per_s, checkpoint, ema} (see module docstring)."""
     # -- who and where ----------------------------------------------------------------------------
@@ -308,6 +322,7 @@ def training_loop(
                         loss, logs = objective(net, micro, teacher, step)
                     scaled = loss / grad_accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                probe = (micro, teacher)
                 loss_sum += loss.detach().float() / grad_accum
                 for k, v in logs.items():
                     step_logs[k] = step_logs.get(k, 0.0) + v.detach().float() / grad_accum
@@ -344,6 +359,8 @@ def training_loop(
             optimizer.zero_grad(set_to_none=True)
             ema.update(model, ema_decay)
             done = step + 1
+            if trigger is not None and needs and trigger.should_check(step):
+                _trigger_check(trigger, model, objective, probe, done, rank, world_size, device, logger)
             window.steps += 1
             window.grad_norm += norm_value
             bar.update(1)

@@ -1,0 +1,114 @@
+"""Stage `latents` (`repa encode`): the VAE posterior of every ingest image, computed once.
+
+Recipe:
+  1. read the ingest manifest; open its shards by index;
+  2. load the VAE (hub, local directory/file, identity or tiny random) before any compute;
+  3. compute `moments` = (posterior mean, posterior std) [N, 2c, h, w] float32 per shard range, and
+     `moments_flip` of the mirrored image when `vae.flip`; publish each range atomically;
+  4. write the manifest (with the VAE's scaling factor, which training multiplies into the latent).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from jobs.ingest import shard_paths
+from jobs.run import begin, say
+from jobs.stage import UsageError
+from pipeline.launch.ranges import StoreJob, run_store_job
+from pipeline.stores.shards import ShardIndex
+from pipeline.stores.zarr_store import ArraySpec, StoreReader
+from schemas.config import ExperimentConfig
+from schemas.manifest import OutputEntry
+
+KEY_WIDTH = 64
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LatentExtractor:
+    """Picklable until `setup`: images uint8 [B,3,H,W] -> moments [B,2c,h,w] (and the mirrored ones)."""
+
+    name: str
+    weights: str
+    flip: bool
+    precision: str
+    vae: object = field(default=None, repr=False)
+    device: torch.device | None = None
+
+    def setup(self, device: torch.device) -> None:
+        from pipeline.vae.autoencoder import load_vae
+
+        self.device = device
+        self.vae = load_vae(self.name, self.weights, device=str(device))
+
+    def _moments(self, images: torch.Tensor) -> np.ndarray:
+        dtype = AUTOCAST.get(self.precision)
+        ctx = torch.autocast("cuda", dtype=dtype) if dtype and images.is_cuda else nullcontext()
+        with ctx:
+            moments = self.vae.encode_moments(images)
+        return moments.float().cpu().numpy()
+
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        out = {"moments": self._moments(images)}
+        if self.flip:
+            out["moments_flip"] = self._moments(images.flip(-1))
+        return out
+
+
+def load_vae_or_exit(cfg: ExperimentConfig, device: str = "cpu"):
+    """The configured VAE on `device`, or a UsageError that says how to provide its weights."""
+    from pipeline.vae.autoencoder import load_vae
+
+    try:
+        return load_vae(cfg.vae.name, cfg.vae.weights, device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"vae: {exc}") from None
+
+
+def encode(cfg: ExperimentConfig, force: bool = False) -> None:
+    run = begin("latents", cfg, force)
+    if run is None:
+        return
+    ingest = run.inputs["ingest"]
+    index = ShardIndex(shard_paths(run.upstream["ingest"].path, ingest))
+    vae = load_vae_or_exit(cfg)
+    res = ingest.extra["resolution"]
+    if res % vae.downsample:
+        raise UsageError(f"data.resolution {res} is not divisible by the VAE's downsampling factor {vae.downsample}")
+    latent = (2 * vae.latent_channels, res // vae.downsample, res // vae.downsample)
+    specs = [ArraySpec("moments", latent, "float32")]
+    if cfg.vae.flip:
+        specs.append(ArraySpec("moments_flip", latent, "float32"))
+    specs += [ArraySpec("labels", (), "int64"), ArraySpec("keys", (), f"<U{KEY_WIDTH}")]
+    attrs = {"vae": cfg.vae.name, "scaling_factor": vae.scaling_factor, "flip": cfg.vae.flip,
+             "fingerprint": run.fingerprint}
+    job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
+                   cfg.stores.samples_per_shard, attrs, cfg.vae.batch_size, KEY_WIDTH)
+    say("latents", f"{len(index)} images {res}px -> moments {list(latent)} with {cfg.vae.name} "
+                   f"(scaling factor {vae.scaling_factor})")
+    del vae
+    extractor = LatentExtractor(cfg.vae.name, cfg.vae.weights, cfg.vae.flip, cfg.vae.precision)
+    stats = run_store_job(job, index, extractor, device=cfg.vae.device, launcher=cfg.stores.launcher,
+                          num_workers=cfg.stores.num_workers, desc="encode", fresh=force)
+
+    reader = StoreReader(job.store)
+    outputs = [OutputEntry(name=s.name, kind="array", shape=[len(index), *s.shape], dtype=s.dtype,
+                           count=len(index)) for s in specs]
+    check_keys(reader, index)
+    run.finish(outputs, stats, extra={
+        "num_images": len(index), "scaling_factor": attrs["scaling_factor"], "latent_shape": list(latent),
+        "latent_channels": latent[0] // 2, "vae": cfg.vae.name, "flip": cfg.vae.flip,
+        "num_classes": ingest.extra["num_classes"], "resolution": res,
+    })
+
+
+def check_keys(reader: StoreReader, index: ShardIndex) -> None:
+    """Row i of the store must be image i of the ingest shards."""
+    keys = np.asarray(reader.array("keys")[:])
+    if list(map(str, keys)) != index.keys:
+        raise RuntimeError(f"store keys of {reader.path} do not match the ingest shards' keys")

@@ -1,0 +1,148 @@
+"""Stage `sample` (`repa sample`): draw class-balanced images from a trained run.
+
+Recipe:
+  1. read the run's manifest (model name and constructor arguments) and the latents manifest (VAE,
+     scaling factor); load the EMA (or raw) weights from the run's safetensors export;
+  2. for each batch: seeded noise, labels, the ODE or SDE sampler with classifier-free guidance
+     inside [guidance_low, guidance_high], VAE decode to uint8; each finished batch is saved to a
+     parts folder, so a killed 50K-sample run resumes at the first missing batch;
+  3. gather `samples.npz` in ADM's layout (arr_0 uint8 [N,H,W,3], arr_1 labels [N]) and `grid.png`;
+     manifest last.
+
+Noise and labels of batch i depend only on (sample.seed, i): a resumed run draws the same images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from jobs.run import begin, say
+from jobs.stage import UsageError
+from pipeline.launch.ranges import resolve_device
+from pipeline.models import build_model
+from pipeline.sampling import class_balanced_labels, sample as run_sampler
+from pipeline.stores.atomic import atomic_write_bytes, atomic_write_npz
+from schemas.config import ExperimentConfig
+from schemas.manifest import Manifest, OutputEntry
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+#                                    Loading a trained run
+# ----------------------------------------------------------------------------------------------
+
+
+def load_run_model(run_dir: Path, train: Manifest, weights: str, device: torch.device) -> torch.nn.Module:
+    """The run's backbone with its exported EMA (or raw) weights, in eval mode on `device`."""
+    path = run_dir / ("ema.safetensors" if weights == "ema" else "model.safetensors")
+    if not path.is_file():
+        raise UsageError(f"{path} is missing: rerun `repa train` for this run (it exports the weights at the end)")
+    model = build_model(train.extra["model"], **train.extra["model_kwargs"])
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UsageError(f"{path} does not fit {train.extra['model']}: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    return model.eval().requires_grad_(False).to(device)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3] (ADM's rounding: clamp((x+1)*127.5))."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray, columns: int = 16) -> bytes:
+    """PNG bytes of a grid of uint8 [N,H,W,3] images (at most 8 rows)."""
+    n = min(len(images), columns * 8)
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    h, w = images.shape[1:3]
+    canvas = np.zeros((rows * h, columns * w, 3), np.uint8)
+    for k in range(n):
+        r, c = divmod(k, columns)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = images[k]
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          The stage
+# ----------------------------------------------------------------------------------------------
+
+
+def sample(cfg: ExperimentConfig, force: bool = False) -> None:
+    run = begin("sample", cfg, force)
+    if run is None:
+        return
+    s = cfg.sample
+    train = run.inputs["train"]
+    run_dir = run.upstream["train"].path
+    device = resolve_device(s.device)
+    model = load_run_model(run_dir, train, s.weights, device)
+    from jobs.encode import load_vae_or_exit
+
+    vae = load_vae_or_exit(cfg, str(device))  # decode() takes the scaled latent
+    num_classes = int(train.extra["model_kwargs"]["num_classes"])
+    c, h, w = model.in_channels, model.input_size, model.input_size
+    labels = class_balanced_labels(s.num, num_classes, s.seed)
+    batches = [(lo, min(s.num, lo + s.batch_size)) for lo in range(0, s.num, s.batch_size)]
+    parts = run.path / f".parts-{run.fingerprint[:16]}"
+    parts.mkdir(parents=True, exist_ok=True)
+    done = {int(p.stem.split("-")[1]) for p in parts.glob("batch-*.npz")}
+    if done:
+        say("sample", f"resuming: {len(done)} of {len(batches)} batches already drawn")
+    guided = s.cfg_scale != 1.0
+    say("sample", f"{s.num} images, {s.sampler} {s.steps} steps{' (heun)' if s.heun and s.sampler == 'ode' else ''}, "
+                  f"cfg {s.cfg_scale} on t in [{s.guidance_low}, {s.guidance_high}], {s.weights} weights, {device}")
+    dtype = AUTOCAST.get(cfg.train.precision) if device.type == "cuda" else None
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=dtype) if dtype else nullcontext():
+            return model(x, t, y).velocity.float()
+
+    bar = tqdm(total=s.num, initial=sum(hi - lo for i, (lo, hi) in enumerate(batches) if i in done),
+               unit="img", desc="sample", dynamic_ncols=True)
+    for i, (lo, hi) in enumerate(batches):
+        if i in done:
+            continue
+        gen = torch.Generator().manual_seed(s.seed * 1_000_003 + i)
+        noise = torch.randn(hi - lo, c, h, w, generator=gen).to(device)
+        y = torch.from_numpy(labels[lo:hi]).to(device)
+        with torch.inference_mode():
+            z = run_sampler(velocity, noise, y, sampler=s.sampler, steps=s.steps, heun=s.heun,
+                            path=cfg.train.path, cfg_scale=s.cfg_scale if guided else 1.0,
+                            guidance_low=s.guidance_low, guidance_high=s.guidance_high,
+                            null_class=num_classes, generator=gen)
+            images = to_uint8(vae.decode(z))
+        atomic_write_npz(parts / f"batch-{i:06d}.npz", images=images, labels=labels[lo:hi])
+        bar.update(hi - lo)
+    bar.close()
+
+    images = np.concatenate([np.load(parts / f"batch-{i:06d}.npz")["images"] for i in range(len(batches))])
+    atomic_write_npz(run.path / "samples.npz", arr_0=images, arr_1=labels.astype(np.int64))
+    atomic_write_bytes(run.path / "grid.png", image_grid(images))
+    shutil.rmtree(parts)
+    for old in run.path.glob(".parts-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    outputs = [
+        OutputEntry(name="samples.npz", kind="file", shape=list(images.shape), dtype="uint8", count=len(images),
+                    bytes=(run.path / "samples.npz").stat().st_size),
+        OutputEntry(name="grid.png", kind="file", bytes=(run.path / "grid.png").stat().st_size),
+    ]
+    seconds = max(bar.format_dict.get("elapsed", 0.0), 1e-9)
+    run.finish(outputs, {"images": len(images), "images_per_s": round(bar.n / seconds, 2)},
+               extra={"num": len(images), "num_classes": num_classes, "resolution": int(images.shape[1]),
+                      "sampler": json.loads(s.model_dump_json())})
+    say("sample", f"grid: {run.path / 'grid.png'}")

@@ -1,0 +1,274 @@
+"""Stage `train` (`repa train`): fit the backbone to the cached latents, aligned to the teacher.
+
+Recipe:
+  1. read the latents manifest (latent shape, scaling factor, classes) and, when aligning, the
+     teacher manifest (grid, width, heads, depth, cache mode);
+  2. before any compute: build the model on the meta device and check that the objective fits the
+     model and the teacher (one line, exit 2, naming the key to change);
+  3. launch `worker_main` on every worker (local, torchrun or Ray): it opens the stores, builds the
+     dataset, model, objective and teacher source and runs `pipeline.train.loop.training_loop`,
+     which resumes from the run's newest checkpoint;
+  4. rank 0 writes result.json; the manifest records the model, its constructor arguments and the
+     throughput, so `repa sample` rebuilds the exact backbone.
+
+The run directory is {workdir}/runs/{run}: raising `train.steps` keeps the same run and continues
+it; `--force` starts it over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.ingest import shard_paths
+from jobs.run import begin, say
+from jobs.stage import UsageError
+from schemas.config import ExperimentConfig
+from schemas.manifest import OutputEntry
+
+RESULT = "result.json"
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Validation before compute
+# ----------------------------------------------------------------------------------------------
+
+
+def model_kwargs(cfg: ExperimentConfig, latents_extra: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of the backbone: the latent geometry plus the model section."""
+    c, h, w = latents_extra["latent_shape"]
+    if h != w:
+        raise UsageError(f"latents are {h}x{w}; the backbones take square inputs")
+    kwargs = {"input_size": int(h), "in_channels": int(c) // 2, "num_classes": cfg.model.num_classes,
+              "class_dropout_prob": cfg.model.class_dropout, "use_rope": cfg.model.use_rope,
+              "use_swiglu": cfg.model.use_swiglu}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def check_plan(cfg: ExperimentConfig, latents: dict[str, Any], teacher: dict[str, Any] | None,
+               kwargs: dict[str, Any]) -> None:
+    """Every compatibility check that needs no data: raises UsageError naming the key to change."""
+    from pipeline.align.registry import check_compatible
+    from pipeline.align.student import AlignmentError
+    from pipeline.models import build_model
+
+    classes = int(latents["num_classes"])
+    if classes > cfg.model.num_classes:
+        raise UsageError(f"model.num_classes = {cfg.model.num_classes}, but the dataset has {classes} classes: "
+                         f"set model.num_classes = {classes} (or more)")
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model.name, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"model: {exc}") from None
+    if cfg.train.align == "none":
+        return
+    assert teacher is not None
+    try:
+        check_compatible(cfg.train.align, model, cfg.align, teacher_dim=int(teacher["dim"]),
+                         teacher_grid=tuple(teacher["grid"]), teacher_heads=int(teacher["heads"]),
+                         teacher_depth=int(teacher["depth"]))
+    except AlignmentError as exc:
+        raise UsageError(str(exc)) from None
+    if cfg.train.align == "haste":
+        layers = cfg.align.teacher_layers
+        if teacher["cache"] == "tokens":
+            raise UsageError(
+                f"align = haste needs teacher attention maps of blocks {layers}, which teacher.cache = 'tokens' "
+                f"does not store: set teacher.cache = 'hidden' (teacher.hidden_layer <= {min(layers)}) or 'online' "
+                "and rerun `repa teacher`")
+        if teacher["cache"] == "hidden" and min(layers) < int(teacher["hidden_layer"]):
+            raise UsageError(
+                f"align.teacher_layers {layers} start before the cached teacher.hidden_layer = "
+                f"{teacher['hidden_layer']}: set teacher.hidden_layer <= {min(layers)} and rerun `repa teacher`")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                      Per-worker entry
+# ----------------------------------------------------------------------------------------------
+
+
+def _moment_readers(store) -> list:
+    names = ["moments", "moments_flip"] if "moments_flip" in store.names else ["moments"]
+    return [lambda idx, n=n: store.read(n, idx) for n in names]
+
+
+def _teacher_readers(plan: dict[str, Any], variants: int) -> list | None:
+    """One reader per moment variant: cached arrays, or the ingest images for an online teacher."""
+    from pipeline.stores.zarr_store import StoreReader
+
+    info = plan["teacher"]
+    if info is None:
+        return None
+    suffixes = ["", "_flip"][:variants]
+    if info["cache"] == "online":
+        from pipeline.stores.shards import ShardIndex
+
+        index = ShardIndex([Path(p) for p in plan["shards"]])
+
+        def images(idx: np.ndarray, flip: bool) -> dict[str, np.ndarray]:
+            batch = np.stack([index.read_image(int(i)) for i in idx]).transpose(0, 3, 1, 2)
+            return {"images": np.ascontiguousarray(batch[..., ::-1] if flip else batch)}
+
+        return [lambda idx, f=bool(s): images(idx, f) for s in suffixes]
+    store = StoreReader(plan["teacher_store"])
+    keys = ["hidden"] if info["cache"] == "hidden" else (
+        ["tokens", "tokens_scale"] if info["dtype"] == "int8" else ["tokens"])
+    if variants > 1 and not all(k + "_flip" in store.names for k in keys):
+        suffixes = ["", ""]  # mirrored latents without mirrored teacher features: use the stored ones
+    return [lambda idx, s=s: {k: store.read(k + s, idx) for k in keys} for s in suffixes]
+
+
+def _sample_fn(cfg: ExperimentConfig, run_dir: Path, device: torch.device, num_classes: int):
+    """Save a 8x8 grid of EMA samples (Euler ODE, 32 steps, fixed noise) at steps-done `step`."""
+    from jobs.encode import load_vae_or_exit
+    from jobs.sample import image_grid, to_uint8
+    from pipeline.sampling import sample as run_sampler
+    from pipeline.stores.atomic import atomic_write_bytes
+
+    vae = load_vae_or_exit(cfg, str(device))
+    out = run_dir / "progress"
+
+    def fn(model: torch.nn.Module, step: int) -> None:
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        n = 64
+        noise = torch.randn(n, model.in_channels, model.input_size, model.input_size, generator=gen).to(device)
+        y = (torch.arange(n) % num_classes).to(device)
+        with torch.inference_mode():
+            z = run_sampler(lambda x, t, yy: model(x, t, yy).velocity.float(), noise, y, sampler="ode", steps=32,
+                            heun=False, path=cfg.train.path, cfg_scale=1.0, null_class=cfg.model.num_classes,
+                            generator=gen)
+            images = to_uint8(vae.decode(z))
+        atomic_write_bytes(out / f"step-{step:09d}.png", image_grid(images, columns=8))
+
+    return fn
+
+
+def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
+    """Train on one worker. `plan` is plain data (it crosses process and Ray boundaries)."""
+    from pipeline.align.registry import build_objective
+    from pipeline.align.trigger import build_trigger
+    from pipeline.launch import current_context
+    from pipeline.models import build_model
+    from pipeline.stores.atomic import atomic_write_bytes
+    from pipeline.stores.zarr_store import StoreReader
+    from pipeline.teachers import dinov2
+    from pipeline.teachers.sources import build_teacher_source
+    from pipeline.train.data import TrainDataset
+    from pipeline.train.loop import training_loop
+
+    cfg = ExperimentConfig.model_validate(plan["config"])
+    t, ctx = cfg.train, current_context()
+    device = ctx.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run_dir = Path(plan["run_dir"])
+    latents = StoreReader(plan["latents_store"])
+    moments = _moment_readers(latents)
+    labels = np.asarray(latents.array("labels")[:], dtype=np.int64)
+    teacher_readers = _teacher_readers(plan, len(moments))
+    dataset = TrainDataset(moments, labels, num_classes=cfg.model.num_classes, seed=t.seed,
+                           class_dropout=cfg.model.class_dropout, scale=plan["scale"],
+                           time_sampling=t.time_sampling, path=t.path, teacher=teacher_readers)
+
+    info = plan["teacher"]
+    source = None
+    if info is not None:
+        module = None
+        if info["cache"] in ("hidden", "online"):
+            module = dinov2.load_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.resolution).to(device)
+            module.eval().requires_grad_(False)
+        layers = cfg.align.teacher_layers if t.align == "haste" else ()
+        src = build_teacher_source(cfg.teacher, module, layers).to(device)
+        source = lambda arrays, step: src(arrays)  # noqa: E731
+
+    def make_objective(model: torch.nn.Module):
+        return build_objective(
+            t.align, model, cfg.align, path=t.path,
+            teacher_dim=info and int(info["dim"]), teacher_grid=info and tuple(info["grid"]),
+            teacher_heads=info and int(info["heads"]))
+
+    result = training_loop(
+        run_dir=run_dir,
+        build_model=lambda: build_model(plan["model"], **plan["model_kwargs"]),
+        build_objective=make_objective,
+        dataset=dataset,
+        teacher_source=source,
+        steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, betas=tuple(t.betas),
+        weight_decay=t.weight_decay, eps=t.eps, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip,
+        ema_decay=t.ema_decay, precision=t.precision, compile=t.compile,
+        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every,
+        sample_every=t.sample_every,
+        sample_fn=_sample_fn(cfg, run_dir, device, plan["num_classes"]) if ctx.rank == 0 else None,
+        seed=t.seed, loader_workers=t.loader_workers, resume=plan["resume"],
+        trigger=build_trigger(t.align, cfg.align),
+        metadata={"model": plan["model"], "model_kwargs": json.dumps(plan["model_kwargs"])},
+    )
+    if ctx.rank == 0:
+        atomic_write_bytes(run_dir / RESULT, json.dumps(result, indent=2).encode())
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          The stage
+# ----------------------------------------------------------------------------------------------
+
+
+def train(cfg: ExperimentConfig, force: bool = False) -> None:
+    run = begin("train", cfg, force)
+    if run is None:
+        return
+    t = cfg.train
+    latents = run.inputs["latents"]
+    teacher = run.inputs.get("teacher")
+    kwargs = model_kwargs(cfg, latents.extra)
+    check_plan(cfg, latents.extra, teacher.extra if teacher else None, kwargs)
+    if t.batch_size % (t.num_workers * t.grad_accum):
+        raise UsageError(f"train.batch_size = {t.batch_size} must split evenly over train.num_workers = "
+                         f"{t.num_workers} x train.grad_accum = {t.grad_accum}")
+    run_dir = run.path.resolve()
+    ingest_dir = Path(next(ref.path for ref in latents.inputs if ref.stage == "ingest"))
+    plan = {
+        "config": cfg.model_dump(mode="json"),
+        "run_dir": str(run_dir),
+        "latents_store": str((run.upstream["latents"].path / "store.zarr").resolve()),
+        "teacher_store": str((run.upstream["teacher"].path / "store.zarr").resolve()) if teacher else None,
+        "teacher": teacher.extra if teacher else None,
+        "shards": [str(p.resolve()) for p in shard_paths(ingest_dir, _ingest_manifest(ingest_dir))]
+        if teacher and teacher.extra["cache"] == "online" else [],
+        "scale": float(latents.extra["scaling_factor"]),
+        "num_classes": int(latents.extra["num_classes"]),
+        "model": cfg.model.name,
+        "model_kwargs": kwargs,
+        "resume": "never" if force else "auto",
+    }
+    say("train", f"{cfg.model.name} {kwargs} align={t.align} on {latents.extra['num_images']} latents, "
+                 f"{t.steps} steps x batch {t.batch_size}, {t.launcher} x {t.num_workers} -> {run_dir}")
+    if teacher and teacher.extra.get("weights") == "random":
+        say("train", "the teacher features are from a RANDOM-INIT teacher (teacher.weights = random)")
+    (run_dir / RESULT).unlink(missing_ok=True)
+
+    from pipeline.launch import launch
+
+    extra = {}
+    if t.launcher == "ray":
+        extra = {"storage_path": str(run_dir / "ray"), "name": "train", "max_failures": t.max_failures,
+                 "keep_checkpoints": t.keep_checkpoints}
+    try:
+        launch(t.launcher, worker_main, plan, num_workers=t.num_workers, use_gpu=t.use_gpu, **extra)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    result = json.loads((run_dir / RESULT).read_text())
+    outputs = [OutputEntry(name=n, kind="file", bytes=(run_dir / n).stat().st_size)
+               for n in ("ema.safetensors", "model.safetensors")]
+    run.finish(outputs, {k: result[k] for k in ("step", "loss", "steps_per_s", "images_per_s")},
+               extra={"model": cfg.model.name, "model_kwargs": kwargs, "align": t.align,
+                      "num_classes": plan["num_classes"], "run_dir": str(run_dir)})
+
+
+def _ingest_manifest(ingest_dir: Path):
+    from schemas.manifest import read_manifest
+
+    return read_manifest(ingest_dir)

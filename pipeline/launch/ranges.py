@@ -1,0 +1,186 @@
+"""Fan a per-image computation out over the shard ranges of a Zarr store.
+
+The encode and teacher stages both turn the ingest images into per-sample arrays. The store is cut
+into shard-aligned ranges [start, stop); each range is computed in batches and published atomically
+by `StoreWriter.write_range`, so ranges are the unit of parallelism and of resume: a rerun after a
+crash skips the ranges already published.
+
+    extractor   a picklable object with `setup(device)` (loads its networks; called once per worker)
+                and `__call__(images uint8 [B,3,H,W] on device) -> {array name: np.ndarray [B, ...]}`.
+    launcher    "local": the calling process (num_workers = 1) or a pool of spawned processes, one
+                device each; "ray": one Ray task per range (Ray imported only then).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.stores.shards import ShardIndex
+from pipeline.stores.zarr_store import ArraySpec, StoreWriter
+
+
+class Extractor(Protocol):
+    def setup(self, device: torch.device) -> None: ...
+
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class StoreJob:
+    """Everything a worker needs to rebuild the writer and the image index in its own process."""
+
+    store: str  # path of the Zarr store
+    shards: tuple[str, ...]  # ingest shard paths, in order
+    specs: tuple[ArraySpec, ...]  # per-sample arrays the extractor produces, plus keys/labels
+    samples_per_shard: int
+    attrs: dict[str, Any]
+    batch_size: int
+    keys_width: int  # fixed width of the `keys` string array
+
+    def writer(self, num_samples: int) -> StoreWriter:
+        return StoreWriter(self.store, num_samples, list(self.specs), self.samples_per_shard, self.attrs)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                       Device choice
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str, worker: int = 0) -> torch.device:
+    """"auto" -> cuda:{worker mod #GPUs} when CUDA is available, else cpu; "cuda" without CUDA is an error."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' but CUDA is not available here; set the device to 'auto' or 'cpu'")
+    return torch.device("cuda", worker % torch.cuda.device_count())
+
+
+# ----------------------------------------------------------------------------------------------
+#                                     One range, one worker
+# ----------------------------------------------------------------------------------------------
+
+
+def _batches(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
+    for lo in range(start, stop, size):
+        yield lo, min(stop, lo + size)
+
+
+def compute_range(job: StoreJob, index: ShardIndex, extractor: Extractor, device: torch.device,
+                  start: int, stop: int, tick: Callable[[int], None] | None = None) -> None:
+    """Compute samples [start, stop) batch by batch and publish them as one range."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for lo, hi in _batches(start, stop, job.batch_size):
+        images = np.stack([index.read_image(i) for i in range(lo, hi)])  # [b, H, W, 3] uint8
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device, non_blocking=True)
+        with torch.inference_mode():
+            out = extractor(batch)
+        for name, value in out.items():
+            parts.setdefault(name, []).append(value)
+        if tick is not None:
+            tick(hi - lo)
+    arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    arrays["keys"] = np.asarray(index.keys[start:stop], dtype=f"<U{job.keys_width}")
+    arrays["labels"] = index.labels[start:stop].astype(np.int64)
+    job.writer(len(index)).write_range(start, stop, arrays)
+
+
+def _worker(job: StoreJob, extractor: Extractor, device_name: str, worker: int,
+            ranges: list[tuple[int, int]], threads: int) -> int:
+    """Entry point of one spawned process (or Ray task): computes its ranges, returns the image count."""
+    torch.set_num_threads(threads)
+    device = resolve_device(device_name, worker)
+    index = ShardIndex(list(job.shards))
+    extractor.setup(device)
+    for start, stop in ranges:
+        compute_range(job, index, extractor, device, start, stop)
+    return sum(stop - start for start, stop in ranges)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        The fan-out
+# ----------------------------------------------------------------------------------------------
+
+
+def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, device: str = "auto",
+                  launcher: str = "local", num_workers: int = 1, desc: str = "extract",
+                  fresh: bool = False) -> dict[str, Any]:
+    """Create the store (or reopen it), compute every unpublished range, verify. Returns stats.
+
+    An existing store is resumed only when its layout and attrs (which carry the stage's
+    fingerprint) equal the job's; otherwise, or with `fresh`, it is rebuilt from scratch.
+    """
+    writer = job.writer(len(index))
+    try:
+        writer.create(overwrite=fresh)
+    except ValueError as exc:
+        reason = "written for another configuration" if "fingerprint" in str(exc) else str(exc).split(". Delete")[0]
+        print(f"[{desc}] rebuilding {job.store}: {reason}", file=sys.stderr, flush=True)
+        writer.create(overwrite=True)
+    done = writer.done()
+    todo = [r for r in writer.ranges() if r[0] not in done]
+    total = sum(stop - start for start, stop in todo)
+    resumed = len(writer.ranges()) - len(todo)
+    begin = time.perf_counter()
+    bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, disable=total == 0)
+    try:
+        if not todo:
+            pass
+        elif launcher == "ray":
+            _run_ray(job, extractor, device, num_workers, todo, bar)
+        elif num_workers == 1 or len(todo) == 1:
+            dev = resolve_device(device)
+            extractor.setup(dev)
+            for start, stop in todo:
+                compute_range(job, index, extractor, dev, start, stop, tick=bar.update)
+        else:
+            _run_processes(job, extractor, device, num_workers, todo, bar)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - begin
+    writer.finish()  # raises if a range is missing; drops the scratch area
+    return {
+        "images_computed": total,
+        "ranges_resumed": resumed,
+        "ranges_total": len(writer.ranges()),
+        "compute_seconds": round(seconds, 3),
+        "images_per_s": round(total / seconds, 1) if total and seconds > 0 else None,
+        "workers": num_workers,
+        "launcher": launcher,
+    }
+
+
+def _split(todo: list[tuple[int, int]], n: int) -> list[list[tuple[int, int]]]:
+    return [todo[i::n] for i in range(n) if todo[i::n]]
+
+
+def _run_processes(job, extractor, device, num_workers, todo, bar) -> None:
+    ctx = mp.get_context("spawn")  # CUDA and threaded torch do not survive fork
+    with cf.ProcessPoolExecutor(min(num_workers, len(todo)), mp_context=ctx) as pool:
+        threads = max(1, (os.cpu_count() or 1) // num_workers)
+        futures = [pool.submit(_worker, job, extractor, device, w, [r], threads) for w, r in enumerate(todo)]
+        for fut in cf.as_completed(futures):
+            bar.update(fut.result())
+
+
+def _run_ray(job, extractor, device, num_workers, todo, bar) -> None:
+    import ray  # only when asked for
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(num_workers, 1), include_dashboard=False, log_to_driver=False)
+    gpus = 1 if device != "cpu" and torch.cuda.is_available() else 0
+    task = ray.remote(num_gpus=gpus, num_cpus=1)(_worker)
+    pending = [task.remote(job, extractor, device, 0, [r], 1) for r in todo]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        bar.update(ray.get(ready[0]))
