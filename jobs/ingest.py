@@ -80,7 +80,7 @@ def write_one(task: ShardTask) -> dict:
             except Exception as exc:  # noqa: BLE001 - any decoder error means the same thing
                 reason = f"{type(exc).__name__}: {exc}"
                 if task.on_error == "fail":
-                    raise ImageFailure(f"cannot read {item.origin}: {reason} (set data.on_error=skip to skip it)")
+                    raise ImageFailure(f"cannot read {item.origin}: {reason} (set data.on_error=skip to skip it)") from None
                 skipped.append({"key": item.key, "origin": item.origin, "reason": reason})
                 continue
             yield item.key, png, item.label
@@ -197,7 +197,7 @@ def ingest(cfg: ExperimentConfig, force: bool = False) -> None:
             path.unlink()
     ordered = [records[j] for j in range(len(shards))]
     lines = ["key\tlabel\torigin"] + [
-        f"{k}\t{lab}\t{o}" for r in ordered for k, lab, o in zip(r["keys"], r["labels"], r["origins"])
+        f"{k}\t{lab}\t{o}" for r in ordered for k, lab, o in zip(r["keys"], r["labels"], r["origins"], strict=True)
     ]
     atomic_write_text(out / "index.tsv", "\n".join(lines) + "\n")
     skipped = [s for r in ordered for s in r["skipped"]]

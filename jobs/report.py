@@ -46,7 +46,7 @@ def plot_curves(rows: list[dict], title: str) -> bytes | None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for k in present:
         pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
-        ax.plot(*zip(*pts), label=k)
+        ax.plot(*zip(*pts, strict=True), label=k)
     ax.set_xlabel("step")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -65,7 +65,7 @@ def report(cfg: ExperimentConfig) -> None:
     lines += [f"| {s.stage} | {s.state} | {s.path} |" for s in states.values()]
     rows = read_metrics_rows(run_dir / "metrics.jsonl")
     if rows:
-        last = rows[-1]
+        last = next((r for r in reversed(rows) if "loss" in r), rows[-1])
         lines += ["", "## Training", "", f"- steps: {last.get('step')}  (model {cfg.model.name}, align "
                   f"{cfg.train.align}, teacher {cfg.teacher.name} weights={cfg.teacher.weights})"]
         lines += [f"- last {k}: {last[k]:.4f}" for k in CURVES if isinstance(last.get(k), float)]
@@ -95,5 +95,7 @@ def report(cfg: ExperimentConfig) -> None:
         say("report", f"{run_dir / 'report.md'}")
     if headline:
         print(f"{', '.join(headline)}  |  samples: {grid}")
+        if cfg.teacher.weights == "random" and cfg.train.align != "none":
+            print("note: aligned to a RANDOM-INIT DINOv2 (offline stand-in): set teacher.weights = hub for real features")
     else:
         print("no metrics yet: run `repa eval` (or `make eval`) for this config")

@@ -18,6 +18,7 @@ import io
 import json
 import shutil
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,11 @@ from jobs.run import begin, say
 from jobs.stage import UsageError
 from pipeline.launch.ranges import resolve_device
 from pipeline.models import build_model
-from pipeline.sampling import class_balanced_labels, sample as run_sampler
+from pipeline.sampling import class_balanced_labels
+from pipeline.sampling import sample as run_sampler
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_npz
 from schemas.config import ExperimentConfig
-from schemas.manifest import Manifest, OutputEntry
+from schemas.manifest import OutputEntry
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,16 +45,17 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------------------------
 
 
-def load_run_model(run_dir: Path, train: Manifest, weights: str, device: torch.device) -> torch.nn.Module:
-    """The run's backbone with its exported EMA (or raw) weights, in eval mode on `device`."""
+def load_run_model(run_dir: Path, train_extra: dict, weights: str, device: torch.device) -> torch.nn.Module:
+    """The run's backbone (train manifest extra: model, model_kwargs) with its exported EMA (or raw)
+    weights, in eval mode on `device`."""
     path = run_dir / ("ema.safetensors" if weights == "ema" else "model.safetensors")
     if not path.is_file():
         raise UsageError(f"{path} is missing: rerun `repa train` for this run (it exports the weights at the end)")
-    model = build_model(train.extra["model"], **train.extra["model_kwargs"])
+    model = build_model(train_extra["model"], **train_extra["model_kwargs"])
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise UsageError(f"{path} does not fit {train.extra['model']}: missing {missing[:3]}, unexpected "
+        raise UsageError(f"{path} does not fit {train_extra['model']}: missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}")
     return model.eval().requires_grad_(False).to(device)
 
@@ -82,6 +85,66 @@ def image_grid(images: np.ndarray, columns: int = 16) -> bytes:
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DrawPlan:
+    """Everything a worker needs to draw batches on its own (plain data: crosses process and Ray)."""
+
+    config: dict  # the experiment config (model_dump)
+    run_dir: str  # the training run (exported weights)
+    train_extra: dict  # the train manifest's extra: model name and constructor arguments
+    parts: str  # folder of finished batches
+    batches: tuple[tuple[int, int], ...]  # [lo, hi) of every batch
+    labels: tuple[int, ...]  # class-balanced labels of all samples
+
+
+def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
+    """Draw batches `todo` (indices into plan.batches) and save each as parts/batch-{i}.npz."""
+    from jobs.encode import load_vae_or_exit
+
+    cfg = ExperimentConfig.model_validate(plan.config)
+    s = cfg.sample
+    device = resolve_device(s.device, worker)
+    model = load_run_model(Path(plan.run_dir), plan.train_extra, s.weights, device)
+    vae = load_vae_or_exit(cfg, str(device))  # decode() takes the scaled latent
+    num_classes = int(plan.train_extra["model_kwargs"]["num_classes"])
+    c, h, w = model.in_channels, model.input_size, model.input_size
+    labels = np.asarray(plan.labels, dtype=np.int64)
+    dtype = AUTOCAST.get(cfg.train.precision) if device.type == "cuda" else None
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=dtype) if dtype else nullcontext():
+            return model(x, t, y).velocity.float()
+
+    for i in todo:
+        lo, hi = plan.batches[i]
+        gen = torch.Generator().manual_seed(s.seed * 1_000_003 + i)
+        noise = torch.randn(hi - lo, c, h, w, generator=gen).to(device)
+        y = torch.from_numpy(labels[lo:hi]).to(device)
+        with torch.inference_mode():
+            z = run_sampler(velocity, noise, y, sampler=s.sampler, steps=s.steps, heun=s.heun,
+                            path=cfg.train.path, cfg_scale=s.cfg_scale,
+                            guidance_low=s.guidance_low, guidance_high=s.guidance_high,
+                            null_class=num_classes, generator=gen)
+            images = to_uint8(vae.decode(z))
+        atomic_write_npz(Path(plan.parts) / f"batch-{i:06d}.npz", images=images, labels=labels[lo:hi])
+        if tick is not None:
+            tick(hi - lo)
+    return sum(plan.batches[i][1] - plan.batches[i][0] for i in todo)
+
+
+def _draw_ray(plan: DrawPlan, todo: list[int], num_workers: int, device: str, bar) -> None:
+    import ray  # only when asked for
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(num_workers, 1), include_dashboard=False, log_to_driver=False)
+    gpus = 1 if device != "cpu" and torch.cuda.is_available() else 0
+    task = ray.remote(num_gpus=gpus, num_cpus=1)(draw)
+    pending = [task.remote(plan, todo[k::num_workers], k) for k in range(num_workers) if todo[k::num_workers]]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        bar.update(ray.get(ready[0]))
+
+
 def sample(cfg: ExperimentConfig, force: bool = False) -> None:
     run = begin("sample", cfg, force)
     if run is None:
@@ -89,13 +152,10 @@ def sample(cfg: ExperimentConfig, force: bool = False) -> None:
     s = cfg.sample
     train = run.inputs["train"]
     run_dir = run.upstream["train"].path
-    device = resolve_device(s.device)
-    model = load_run_model(run_dir, train, s.weights, device)
-    from jobs.encode import load_vae_or_exit
-
-    vae = load_vae_or_exit(cfg, str(device))  # decode() takes the scaled latent
+    for name in ("ema.safetensors", "model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise UsageError(f"{run_dir / name} is missing: rerun `repa train` for this run")
     num_classes = int(train.extra["model_kwargs"]["num_classes"])
-    c, h, w = model.in_channels, model.input_size, model.input_size
     labels = class_balanced_labels(s.num, num_classes, s.seed)
     batches = [(lo, min(s.num, lo + s.batch_size)) for lo in range(0, s.num, s.batch_size)]
     parts = run.path / f".parts-{run.fingerprint[:16]}"
@@ -103,32 +163,21 @@ def sample(cfg: ExperimentConfig, force: bool = False) -> None:
     done = {int(p.stem.split("-")[1]) for p in parts.glob("batch-*.npz")}
     if done:
         say("sample", f"resuming: {len(done)} of {len(batches)} batches already drawn")
-    guided = s.cfg_scale != 1.0
     say("sample", f"{s.num} images, {s.sampler} {s.steps} steps{' (heun)' if s.heun and s.sampler == 'ode' else ''}, "
-                  f"cfg {s.cfg_scale} on t in [{s.guidance_low}, {s.guidance_high}], {s.weights} weights, {device}")
-    dtype = AUTOCAST.get(cfg.train.precision) if device.type == "cuda" else None
-
-    def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=dtype) if dtype else nullcontext():
-            return model(x, t, y).velocity.float()
-
+                  f"cfg {s.cfg_scale} on t in [{s.guidance_low}, {s.guidance_high}], {s.weights} weights, "
+                  f"{s.launcher} x {s.num_workers}")
+    plan = DrawPlan(cfg.model_dump(mode="json"), str(run_dir.resolve()), dict(train.extra), str(parts.resolve()),
+                    tuple(batches), tuple(int(v) for v in labels))
+    todo = [i for i in range(len(batches)) if i not in done]
     bar = tqdm(total=s.num, initial=sum(hi - lo for i, (lo, hi) in enumerate(batches) if i in done),
                unit="img", desc="sample", dynamic_ncols=True)
-    for i, (lo, hi) in enumerate(batches):
-        if i in done:
-            continue
-        gen = torch.Generator().manual_seed(s.seed * 1_000_003 + i)
-        noise = torch.randn(hi - lo, c, h, w, generator=gen).to(device)
-        y = torch.from_numpy(labels[lo:hi]).to(device)
-        with torch.inference_mode():
-            z = run_sampler(velocity, noise, y, sampler=s.sampler, steps=s.steps, heun=s.heun,
-                            path=cfg.train.path, cfg_scale=s.cfg_scale if guided else 1.0,
-                            guidance_low=s.guidance_low, guidance_high=s.guidance_high,
-                            null_class=num_classes, generator=gen)
-            images = to_uint8(vae.decode(z))
-        atomic_write_npz(parts / f"batch-{i:06d}.npz", images=images, labels=labels[lo:hi])
-        bar.update(hi - lo)
-    bar.close()
+    try:
+        if todo and s.launcher == "ray":
+            _draw_ray(plan, todo, s.num_workers, s.device, bar)
+        elif todo:
+            draw(plan, todo, 0, tick=bar.update)
+    finally:
+        bar.close()
 
     images = np.concatenate([np.load(parts / f"batch-{i:06d}.npz")["images"] for i in range(len(batches))])
     atomic_write_npz(run.path / "samples.npz", arr_0=images, arr_1=labels.astype(np.int64))
@@ -142,7 +191,8 @@ def sample(cfg: ExperimentConfig, force: bool = False) -> None:
         OutputEntry(name="grid.png", kind="file", bytes=(run.path / "grid.png").stat().st_size),
     ]
     seconds = max(bar.format_dict.get("elapsed", 0.0), 1e-9)
-    run.finish(outputs, {"images": len(images), "images_per_s": round(bar.n / seconds, 2)},
+    drawn = sum(batches[i][1] - batches[i][0] for i in todo)
+    run.finish(outputs, {"images": len(images), "images_drawn": drawn, "images_per_s": round(drawn / seconds, 2)},
                extra={"num": len(images), "num_classes": num_classes, "resolution": int(images.shape[1]),
                       "sampler": json.loads(s.model_dump_json())})
     say("sample", f"grid: {run.path / 'grid.png'}")

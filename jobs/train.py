@@ -18,6 +18,7 @@ it; `--force` starts it over.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,36 @@ def check_plan(cfg: ExperimentConfig, latents: dict[str, Any], teacher: dict[str
             raise UsageError(
                 f"align.teacher_layers {layers} start before the cached teacher.hidden_layer = "
                 f"{teacher['hidden_layer']}: set teacher.hidden_layer <= {min(layers)} and rerun `repa teacher`")
+
+
+def check_stores(latents_store: Path, teacher_store: Path | None, teacher: dict[str, Any] | None,
+                 fingerprints: dict[str, str]) -> None:
+    """Each store is the one its manifest describes (the stage fingerprint in its attrs), the two hold
+    the same images in the same order, and the teacher arrays have its manifest's width."""
+    from pipeline.stores.zarr_store import StoreReader
+
+    if teacher_store is None or teacher is None or teacher["cache"] == "online":
+        return
+    try:
+        lat, tea = StoreReader(latents_store), StoreReader(teacher_store)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot open the feature stores: {exc}; rerun `repa features`") from None
+    for stage, store in (("latents", lat), ("teacher", tea)):
+        if store.attrs.get("fingerprint") != fingerprints[stage]:
+            raise UsageError(
+                f"the {stage} store {store.path} does not belong to its manifest (written for another ingest or "
+                f"config): rerun `repa {'encode' if stage == 'latents' else 'teacher'} --force`")
+    a, b = np.asarray(lat.array("keys")[:]), np.asarray(tea.array("keys")[:])
+    if a.shape != b.shape or not np.array_equal(a, b):
+        first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+        raise UsageError(
+            f"the teacher store {teacher_store} does not hold the latents' images ({len(b)} vs {len(a)} samples, "
+            f"first difference at row {first}): it was built from another ingest; rerun `repa teacher --force`")
+    name = "hidden" if teacher["cache"] == "hidden" else "tokens"
+    width = int(tea.array(name).shape[-1])
+    if width != int(teacher["dim"]):
+        raise UsageError(f"the teacher store's {name} are {width} wide but its manifest says {teacher['dim']} "
+                         f"({teacher['teacher']}): rerun `repa teacher --force`")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,12 +260,16 @@ def train(cfg: ExperimentConfig, force: bool = False) -> None:
         raise UsageError(f"train.batch_size = {t.batch_size} must split evenly over train.num_workers = "
                          f"{t.num_workers} x train.grad_accum = {t.grad_accum}")
     run_dir = run.path.resolve()
+    latents_store = run.upstream["latents"].path / "store.zarr"
+    teacher_store = run.upstream["teacher"].path / "store.zarr" if teacher else None
+    check_stores(latents_store, teacher_store, teacher.extra if teacher else None,
+                 {name: st.fingerprint for name, st in run.upstream.items()})
     ingest_dir = Path(next(ref.path for ref in latents.inputs if ref.stage == "ingest"))
     plan = {
         "config": cfg.model_dump(mode="json"),
         "run_dir": str(run_dir),
-        "latents_store": str((run.upstream["latents"].path / "store.zarr").resolve()),
-        "teacher_store": str((run.upstream["teacher"].path / "store.zarr").resolve()) if teacher else None,
+        "latents_store": str(latents_store.resolve()),
+        "teacher_store": str(teacher_store.resolve()) if teacher_store else None,
         "teacher": teacher.extra if teacher else None,
         "shards": [str(p.resolve()) for p in shard_paths(ingest_dir, _ingest_manifest(ingest_dir))]
         if teacher and teacher.extra["cache"] == "online" else [],
@@ -260,6 +295,8 @@ def train(cfg: ExperimentConfig, force: bool = False) -> None:
         launch(t.launcher, worker_main, plan, num_workers=t.num_workers, use_gpu=t.use_gpu, **extra)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if t.launcher == "torchrun" and int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 writes the manifest
     result = json.loads((run_dir / RESULT).read_text())
     outputs = [OutputEntry(name=n, kind="file", bytes=(run_dir / n).stat().st_size)
                for n in ("ema.safetensors", "model.safetensors")]

@@ -160,6 +160,8 @@ class SampleConfig(Section):
     seed: int = 0
     weights: Literal["ema", "model"] = "ema"
     device: Device = "auto"
+    launcher: Literal["local", "ray"] = "local"  # ray: batches fanned out over Ray tasks (one GPU each)
+    num_workers: int = Field(1, ge=1)  # Ray tasks drawing batches in parallel
 
     @model_validator(mode="after")
     def _interval(self) -> SampleConfig:

@@ -6,10 +6,10 @@ is allowed; the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from pydantic import BaseModel, ValidationError
 
 from schemas.config import ExperimentConfig

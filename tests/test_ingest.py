@@ -100,7 +100,7 @@ def test_ingest_writes_shards_and_manifest_then_is_up_to_date(tmp_path):
 def test_parallel_ingest_equals_serial(tmp_path):
     ingest(_cfg(tmp_path / "a"))
     ingest(_cfg(tmp_path / "b", "data.num_workers=2"))
-    for a, b in zip(sorted((tmp_path / "a/ingest").glob("*.tar")), sorted((tmp_path / "b/ingest").glob("*.tar"))):
+    for a, b in zip(sorted((tmp_path / "a/ingest").glob("*.tar")), sorted((tmp_path / "b/ingest").glob("*.tar")), strict=True):
         assert a.read_bytes() == b.read_bytes()
 
 

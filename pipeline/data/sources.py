@@ -198,7 +198,7 @@ class FashionMnistSource:
 
     @cached_property
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = zip(*[(read_idx(i), read_idx(lab)) for i, lab in self._pairs()])
+        images, labels = zip(*[(read_idx(i), read_idx(lab)) for i, lab in self._pairs()], strict=True)
         return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
     def items(self) -> list[SourceItem]:

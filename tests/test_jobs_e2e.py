@@ -1,0 +1,281 @@
+"""The stages chained end to end on tiny synthetic data: freshness, resume, compatibility, a full run.
+
+Everything is CPU and offline: synthetic 32px images, the identity VAE, a random-init DINOv2-S at
+56px (a 4x4 patch grid) and tiny backbones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.layout import states
+from pipeline.stores.zarr_store import StoreReader
+from schemas.loading import load_config
+from tests.conftest import repa
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+workdir = "{workdir}"
+[data]
+source = "synthetic"
+resolution = 32
+synthetic_count = 64
+synthetic_classes = 4
+shard_size = 32
+num_workers = 1
+[vae]
+name = "identity"
+weights = "none"
+[teacher]
+name = "dinov2_vits14"
+weights = "random"
+resolution = 56
+batch_size = 16
+[stores]
+samples_per_shard = 16
+[model]
+name = "SiTDown-T/4"
+num_classes = 4
+[train]
+align = "urepa"
+batch_size = 8
+steps = 6
+precision = "fp32"
+checkpoint_every = 3
+log_every = 1
+[sample]
+num = 16
+sampler = "ode"
+steps = 4
+batch_size = 8
+[eval]
+reference = "ingest"
+batch_size = 40
+splits = 2
+"""
+
+
+def tiny_config(tmp_path: Path, name: str = "work") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TINY.format(workdir=tmp_path / name))
+    return path
+
+
+def cfg_of(path: Path, *overrides: str):
+    return load_config(path, list(overrides))
+
+
+def ok(proc) -> str:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+#                                    Features: freshness
+# ----------------------------------------------------------------------------------------------
+
+
+def test_features_rerun_is_up_to_date_and_a_change_is_stale(tmp_path):
+    config = tiny_config(tmp_path)
+    ok(repa("features", "-c", str(config)))
+    store = tmp_path / "work" / "teacher" / "store.zarr"
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+
+    lat = StoreReader(tmp_path / "work" / "latents" / "store.zarr")
+    tea = StoreReader(store)
+    keys = np.asarray(lat.array("keys")[:])
+    assert len(set(keys)) == 64 and np.array_equal(keys, np.asarray(tea.array("keys")[:]))
+    np.testing.assert_array_equal(lat.array("labels")[:], tea.array("labels")[:])
+
+    err = ok(repa("features", "-c", str(config)))
+    assert err.count("up to date") == 3, err
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == before
+
+    rows = json.loads(ok_out(repa("status", "-c", str(config), "--json", "--set", "teacher.dtype=int8")))
+    by = {r["stage"]: r for r in rows}
+    assert by["ingest"]["state"] == by["latents"]["state"] == "up-to-date"
+    assert by["teacher"]["state"] == "stale" and by["teacher"]["reason"] == "teacher.dtype changed"
+
+    rows = json.loads(ok_out(repa("status", "-c", str(config), "--json", "--set", "data.seed=1")))
+    by = {r["stage"]: r for r in rows}
+    assert by["ingest"]["reason"] == "data.seed changed"
+    assert "input ingest changed" in by["latents"]["reason"] and "input ingest changed" in by["teacher"]["reason"]
+
+
+def ok_out(proc) -> str:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_int8_store_records_its_fidelity_and_matches_fp16(tmp_path):
+    from jobs.encode import encode
+    from jobs.ingest import ingest
+    from jobs.teacher import teacher
+
+    fp16 = cfg_of(tiny_config(tmp_path, "a"))
+    int8 = cfg_of(tiny_config(tmp_path, "b"), "teacher.dtype=int8")
+    for cfg in (fp16, int8):
+        ingest(cfg)
+        encode(cfg)
+        teacher(cfg)
+    m = states(int8)["teacher"].manifest
+    assert m.extra["dtype"] == "int8" and m.extra["token_cos_mean"] > 0.999 and m.extra["token_cos_min"] > 0.99
+    ref = StoreReader(tmp_path / "a" / "teacher" / "store.zarr")
+    q = StoreReader(tmp_path / "b" / "teacher" / "store.zarr")
+    idx = np.arange(64)
+    a = ref.read("tokens", idx).astype(np.float32)
+    b = q.read("tokens", idx).astype(np.float32) * q.read("tokens_scale", idx).astype(np.float32)
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() > 0.99
+    # the int8 store is half the fp16 one, plus one fp16 scale per token
+    assert q.read("tokens", idx[:1]).nbytes * 2 == ref.read("tokens", idx[:1]).nbytes
+
+
+def test_killed_teacher_stage_resumes_to_identical_arrays(tmp_path, monkeypatch):
+    from jobs import teacher as teacher_job
+    from jobs.encode import encode
+    from jobs.ingest import ingest
+
+    whole = cfg_of(tiny_config(tmp_path, "whole"))
+    killed = cfg_of(tiny_config(tmp_path, "killed"))
+    for cfg in (whole, killed):
+        ingest(cfg)
+        encode(cfg)
+    teacher_job.teacher(whole)
+
+    calls = {"n": 0}
+    original = teacher_job.TeacherExtractor.__call__
+
+    def dies_on_third_batch(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, images)
+
+    monkeypatch.setattr(teacher_job.TeacherExtractor, "__call__", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_job.teacher(killed)
+    assert states(killed)["teacher"].state == "missing"
+    monkeypatch.setattr(teacher_job.TeacherExtractor, "__call__", original)
+    teacher_job.teacher(killed)
+    m = states(killed)["teacher"].manifest
+    assert m.stats["ranges_resumed"] == 2 and m.stats["images_computed"] == 32
+    a = StoreReader(tmp_path / "whole" / "teacher" / "store.zarr")
+    b = StoreReader(tmp_path / "killed" / "teacher" / "store.zarr")
+    idx = np.arange(64)
+    np.testing.assert_array_equal(a.read("tokens", idx), b.read("tokens", idx))
+    np.testing.assert_array_equal(a.read("labels", idx), b.read("labels", idx))
+
+
+# ----------------------------------------------------------------------------------------------
+#                                 Train: checks before compute
+# ----------------------------------------------------------------------------------------------
+
+
+def test_train_refuses_incompatible_inputs_with_exit_2(tmp_path):
+    config = tiny_config(tmp_path)
+    ok(repa("features", "-c", str(config)))
+    cases = [
+        (["--set", "train.align=haste", "--set", "model.name=SiT-S/8"], "teacher.cache"),
+        (["--set", "model.num_classes=3"], "model.num_classes"),
+        (["--set", "model.name=SiT-T/4", "--set", "train.align=repa", "--set", "align.depth=9"], "align.depth"),
+    ]
+    for args, key in cases:
+        proc = repa("train", "-c", str(config), *args)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and key in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = repa("train", "-c", str(config), "--set", "teacher.name=dinov2_vitb14")
+    assert proc.returncode == 2 and "needs stage teacher first" in proc.stderr
+
+
+def test_train_refuses_a_teacher_store_from_another_ingest(tmp_path):
+    import shutil
+
+    config = tiny_config(tmp_path)
+    other = tiny_config(tmp_path, "other")
+    ok(repa("features", "-c", str(config)))
+    ok(repa("features", "-c", str(other), "--set", "data.seed=7"))
+    store = tmp_path / "work" / "teacher" / "store.zarr"
+    shutil.rmtree(store)
+    shutil.copytree(tmp_path / "other" / "teacher" / "store.zarr", store)  # same shapes, other images
+    proc = repa("train", "-c", str(config))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "another ingest" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (states(cfg_of(config))["train"].path / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        A whole run
+# ----------------------------------------------------------------------------------------------
+
+
+def test_train_sample_evaluate_report_then_extend_the_run(tmp_path):
+    config = tiny_config(tmp_path)
+    ok(repa("features", "-c", str(config)))
+    ok(repa("train", "-c", str(config)))
+    ok(repa("eval", "-c", str(config)))
+    report = ok_out(repa("report", "-c", str(config)))
+    cfg = cfg_of(config)
+    st = states(cfg)
+    assert all(s.state == "up-to-date" for s in st.values()), {k: s.reason for k, s in st.items()}
+    run_dir = st["train"].path
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) and "repa" in r and "manifold" in r for r in rows)
+    samples = np.load(st["sample"].path / "samples.npz")
+    assert samples["arr_0"].shape == (16, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
+    assert np.bincount(samples["arr_1"], minlength=4).tolist() == [4, 4, 4, 4]
+    metrics = json.loads((st["evaluate"].path / "metrics.json").read_text())
+    assert metrics["num_samples"] == 16 and metrics["fid"] > 0 and np.isfinite(metrics["sfid"])
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert "FID" in report
+
+    # the same batches drawn by two Ray tasks give the same file; evaluate stays up to date
+    ok(repa("sample", "-c", str(config), "--force", "--set", "sample.launcher=ray", "--set", "sample.num_workers=2"))
+    again = np.load(st["sample"].path / "samples.npz")
+    np.testing.assert_array_equal(again["arr_0"], samples["arr_0"])
+    assert states(cfg)["evaluate"].state == "up-to-date"
+
+    # more steps: the same run continues from its step-6 checkpoint; sample and eval go stale
+    proc = ok(repa("train", "-c", str(config), "--set", "train.steps=9"))
+    assert "stale: train.steps changed" in proc
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 10))
+    st = states(cfg_of(config, "train.steps=9"))
+    assert st["train"].state == "up-to-date" and st["train"].manifest.stats["step"] == 9
+    assert st["sample"].state == "stale" and "input train changed" in st["sample"].reason
+
+
+def test_haste_reads_no_teacher_features_after_tau(tmp_path, monkeypatch):
+    from jobs.encode import encode
+    from jobs.ingest import ingest
+    from jobs.teacher import teacher
+    from jobs.train import train
+
+    cfg = cfg_of(tiny_config(tmp_path), "teacher.cache=hidden", "teacher.hidden_layer=8", "teacher.resolution=112",
+                 "train.align=haste", "model.name=SiT-S/4", "align.tau=3", "align.projector_dim=64",
+                 "train.checkpoint_every=100")
+    ingest(cfg)
+    encode(cfg)
+    teacher(cfg)
+    reads = []
+    original = StoreReader.read
+
+    def counting(self, name, indices):
+        if name == "hidden":
+            reads.append(len(indices))
+        return original(self, name, indices)
+
+    monkeypatch.setattr(StoreReader, "read", counting)
+    train(cfg)
+    assert len(reads) == 3  # steps 0, 1, 2; alignment is off for good from step tau = 3
+    rows = [json.loads(line) for line in (states(cfg)["train"].path / "metrics.jsonl").read_text().splitlines()]
+    assert all("attn" in r and "repa" in r for r in rows[:3])
+    assert all("attn" not in r and "repa" not in r for r in rows[3:])
