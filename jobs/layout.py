@@ -8,7 +8,7 @@
     {workdir}/runs/{run}/eval            metrics.json
 
 The run name defaults to model-align-hash, the hash covering what shapes the run's result except
-its length, so raising `train.steps` continues the same run from its last checkpoint.
+its length, so raising `train.steps` (or `train.images`) continues the same run from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def run_name(cfg: ExperimentConfig) -> str:
     """`train.name`, or model-align-hash of everything in the run's fingerprint but its length."""
     if cfg.train.name:
         return cfg.train.name
-    keys = [k for k in train_keys(cfg) if k != "train.steps"] + list(TEACHER_KEYS) + list(LATENT_KEYS)
+    keys = [k for k in train_keys(cfg) if k not in ("train.steps", "train.images")] + list(TEACHER_KEYS) + list(LATENT_KEYS)
     digest = hashlib.sha256(canonical_json({k: lookup(cfg, k) for k in keys}).encode()).hexdigest()[:8]
     return f"{cfg.model.name.replace('/', '-')}-{cfg.train.align}-{digest}"
 

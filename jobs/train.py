@@ -227,7 +227,7 @@ def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
         build_objective=make_objective,
         dataset=dataset,
         teacher_source=source,
-        steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, betas=tuple(t.betas),
+        steps=t.total_steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, betas=tuple(t.betas),
         weight_decay=t.weight_decay, eps=t.eps, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip,
         ema_decay=t.ema_decay, precision=t.precision, compile=t.compile,
         checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every,
@@ -280,7 +280,7 @@ def train(cfg: ExperimentConfig, force: bool = False) -> None:
         "resume": "never" if force else "auto",
     }
     say("train", f"{cfg.model.name} {kwargs} align={t.align} on {latents.extra['num_images']} latents, "
-                 f"{t.steps} steps x batch {t.batch_size}, {t.launcher} x {t.num_workers} -> {run_dir}")
+                 f"{t.total_steps} steps x batch {t.batch_size}, {t.launcher} x {t.num_workers} -> {run_dir}")
     if teacher and teacher.extra.get("weights") == "random":
         say("train", "the teacher features are from a RANDOM-INIT teacher (teacher.weights = random)")
     (run_dir / RESULT).unlink(missing_ok=True)

@@ -122,7 +122,8 @@ class TrainConfig(Section):
     use_gpu: bool | None = None  # None = use CUDA when available
     batch_size: int = Field(256, ge=1)  # global batch size (split over workers)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimiser step, per worker
-    steps: int = Field(400_000, ge=1)  # optimiser steps in the run
+    steps: int = Field(400_000, ge=1)  # optimiser steps in the run (unless `images` is set)
+    images: int = Field(0, ge=0)  # run length in training images instead (0 = use steps)
     seed: int = 0
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -141,6 +142,11 @@ class TrainConfig(Section):
     sample_every: int = Field(0, ge=0)  # steps between sample-grid PNGs (0 = only at the end)
     loader_workers: int = Field(0, ge=0)  # DataLoader worker processes per training worker
     max_failures: int = Field(3, ge=0)  # Ray: worker-group restarts before giving up
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the run: ceil(images / batch_size) when `images` is set, else `steps`."""
+        return -(-self.images // self.batch_size) if self.images else self.steps
 
 
 # ----------------------------------------------------------------------------------------------

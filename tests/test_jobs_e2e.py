@@ -279,3 +279,41 @@ def test_haste_reads_no_teacher_features_after_tau(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (states(cfg)["train"].path / "metrics.jsonl").read_text().splitlines()]
     assert all("attn" in r and "repa" in r for r in rows[:3])
     assert all("attn" not in r and "repa" not in r for r in rows[3:])
+
+
+def test_ray_fan_out_of_the_stores_equals_one_process(tmp_path):
+    from jobs.encode import encode
+    from jobs.ingest import ingest
+    from jobs.teacher import teacher
+
+    local = cfg_of(tiny_config(tmp_path, "local"))
+    fanned = cfg_of(tiny_config(tmp_path, "ray"), "stores.launcher=ray", "stores.num_workers=2")
+    for cfg in (local, fanned):
+        ingest(cfg)
+        encode(cfg)
+        teacher(cfg)
+    assert states(fanned)["teacher"].manifest.stats["launcher"] == "ray"
+    idx = np.arange(64)
+    for store, names in (("latents", ("moments", "labels")), ("teacher", ("tokens", "labels"))):
+        a = StoreReader(tmp_path / "local" / store / "store.zarr")
+        b = StoreReader(tmp_path / "ray" / store / "store.zarr")
+        for name in names:
+            np.testing.assert_array_equal(a.read(name, idx), b.read(name, idx))
+
+
+def test_online_teacher_with_flips_trains_from_the_ingest_images(tmp_path):
+    from jobs.encode import encode
+    from jobs.ingest import ingest
+    from jobs.teacher import teacher
+    from jobs.train import train
+
+    cfg = cfg_of(tiny_config(tmp_path), "teacher.cache=online", "vae.flip=true", "train.steps=3")
+    ingest(cfg)
+    encode(cfg)
+    teacher(cfg)
+    st = states(cfg)
+    assert st["teacher"].manifest.outputs == [] and not (st["teacher"].path / "store.zarr").exists()
+    assert "moments_flip" in StoreReader(st["latents"].path / "store.zarr").names
+    train(cfg)
+    rows = [json.loads(line) for line in (states(cfg)["train"].path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(np.isfinite(r["repa"]) and np.isfinite(r["manifold"]) for r in rows)
