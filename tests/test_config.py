@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.stage import UsageError
 from schemas.loading import ConfigError, load_config, parse_value
-from tests.conftest import repa
+from tests.conftest import ROOT, repa
 
 
 def test_overrides_parse_toml_literals_and_fall_back_to_strings():
@@ -75,3 +76,22 @@ def test_cli_exits_2_with_one_line(override, tmp_path):
 def test_missing_config_file_exits_2(tmp_path):
     proc = repa("status", "--config", str(tmp_path / "none.toml"))
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+@pytest.mark.parametrize("recipe", ["repa", "urepa", "haste"])
+def test_paper_recipes_pass_the_checks_before_compute(recipe):
+    """The ImageNet-256 recipes fit SD-VAE latents [8, 32, 32] and DINOv2-B/14's geometry at 224px."""
+    from jobs.train import check_plan, model_kwargs
+
+    cfg = load_config(ROOT / "configs" / f"imagenet256-{recipe}.toml")
+    latents = {"latent_shape": [8, 32, 32], "num_classes": 1000}
+    teacher = {"dim": 768, "grid": [16, 16], "heads": 12, "depth": 12, "cache": cfg.teacher.cache,
+               "hidden_layer": cfg.teacher.hidden_layer}
+    kwargs = model_kwargs(cfg, latents)
+    assert kwargs["input_size"] == 32 and kwargs["in_channels"] == 4
+    check_plan(cfg, latents, teacher, kwargs)  # raises UsageError on a mismatch
+    with pytest.raises(UsageError, match="model.num_classes"):
+        check_plan(cfg, {**latents, "num_classes": 1001}, teacher, kwargs)
+    if recipe == "haste":
+        with pytest.raises(UsageError, match="teacher.cache"):
+            check_plan(cfg, latents, {**teacher, "cache": "tokens"}, kwargs)
