@@ -310,6 +310,15 @@ class NanAt(FlowMatching):
         return LossTerms(fm=fm * float("nan") if step == self.bad_step else fm)
 
 
+def test_nan_found_at_a_later_sync_point_names_its_own_step(tmp_path):
+    # NaN at update 5; no metrics row until the end: the check at step 8 names step 5 and writes nothing
+    with pytest.raises(RuntimeError, match=r"loss is nan at step 5 .*step-000000004\.pt"):
+        training_loop(**loop_args(tmp_path, build_objective=lambda m: NanAt(4), checkpoint_every=4, log_every=100,
+                                  steps=8))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000004.pt"]
+    assert not (tmp_path / "ema.safetensors").exists()
+
+
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"loss is nan at step 5 .*step-000000004\.pt"):
         training_loop(**loop_args(tmp_path, build_objective=lambda m: NanAt(4), checkpoint_every=2, steps=8))

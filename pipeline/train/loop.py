@@ -9,8 +9,10 @@ One step on each of W workers:
     batch (this worker's B/W samples, prepared by the DataLoader) -> grad_accum micro batches ->
     loss, logs = objective(model, micro batch, teacher targets, s); (loss / grad_accum).backward()
     [DDP averages the backbone's gradients; the objective's projector gradients are averaged by one
-    all-reduce] -> non-finite loss: RuntimeError -> clip the global grad norm -> AdamW (linear
-    warm-up of the learning rate) -> EMA update.
+    all-reduce] -> clip the global grad norm -> AdamW (linear warm-up of the learning rate) -> EMA
+    update. No step waits for the device: the first non-finite loss (or gradient norm) is recorded
+    on the device and raises RuntimeError at the next sync point (metrics row, checkpoint, sample,
+    end), before anything is written, so the newest checkpoint is always a good one.
 Every `log_every` steps rank 0 appends the window's averages to metrics.jsonl and TensorBoard;
 every `checkpoint_every` steps and at the end it writes a checkpoint, and every rank then calls
 `report_fn(metrics, path on rank 0 / None elsewhere)` (Ray needs all ranks to report in lockstep);
@@ -115,7 +117,7 @@ class _Window:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.steps = 0
-        self.grad_norm = 0.0
+        self.grad_norm: torch.Tensor | float = 0.0  # summed on the device: no sync per step
         self.data_wait = 0.0
         self.start = time.perf_counter()
 
@@ -136,7 +138,7 @@ class _Window:
             row.update(zip(keys, values.tolist(), strict=True))
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         row.update(
-            grad_norm=self.grad_norm / max(self.steps, 1), lr=lr,
+            grad_norm=float(self.grad_norm) / max(self.steps, 1), lr=lr,
             steps_per_s=self.steps / elapsed, images_per_s=self.steps * batch_size / elapsed,
             data_wait=min(1.0, self.data_wait / elapsed),
         )
@@ -153,6 +155,22 @@ def _export_weights(run_dir: Path, model: nn.Module, ema: EMA, step: int, metada
 # ----------------------------------------------------------------------------------------------
 #                                        The loop
 # ----------------------------------------------------------------------------------------------
+
+
+def _stop_if_non_finite(first_bad: torch.Tensor, steps: int, last_checkpoint: Path | None) -> None:
+    """RuntimeError naming the first step whose loss or gradient norm was not finite (one host sync).
+
+    The check is deferred to the loop's sync points (log rows, checkpoints, samples, the end) so a
+    step does not wait for the device; no checkpoint or export is written after a bad step.
+    """
+    step, loss, norm = first_bad.tolist()
+    if step < 0:
+        return
+    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+    raise RuntimeError(
+        f"{what} is {value} at step {int(step)} (update {int(step)} of {steps}); last good "
+        f"checkpoint: {last_checkpoint if last_checkpoint is not None else 'none written yet'}"
+    )
 
 
 def _trigger_check(trigger, model, objective, probe, done, rank, world_size, device, logger) -> None:
@@ -287,6 +305,7 @@ def training_loop(
     bar = tqdm(total=steps, initial=start, unit="step", desc="train", dynamic_ncols=True,
                disable=not (progress and rank == 0))
     window, row, loss_value = _Window(), {}, math.nan
+    first_bad = torch.full((3,), -1.0, device=device)  # (step, loss, grad norm) of the first non-finite step
     run_start, ema_model = time.perf_counter(), None
     micro_size = batch_size // world_size // grad_accum
     loader = dataset.loader(start, steps, loader_workers, pin_memory=device.type == "cuda")
@@ -329,7 +348,7 @@ def training_loop(
             window.add(step_logs)
             average_grads(objective_params, world_size)
 
-            # -- non-finite loss: stop before the update ---------------------------------------
+            # -- clip; remember the first non-finite step on the device (read at the next sync) -----
             if scaler is not None:
                 scaler.unscale_(optimizer)
             params = model_params + objective_params
@@ -338,14 +357,9 @@ def training_loop(
             if world_size > 1:
                 dist.all_reduce(stats)
                 stats /= world_size
-            loss_value, norm_value = stats.tolist()
-            if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(norm_value)):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                value = loss_value if what == "loss" else norm_value
-                raise RuntimeError(
-                    f"{what} is {value} at step {step + 1} (update {step + 1} of {steps}); last good "
-                    f"checkpoint: {last_checkpoint if last_checkpoint is not None else 'none written yet'}"
-                )
+            bad = ~torch.isfinite(stats[0]) if scaler is not None else ~torch.isfinite(stats).all()
+            first_bad = torch.where(bad & (first_bad[0] < 0),
+                                    torch.stack([torch.full((), step + 1.0, device=device), *stats]), first_bad)
 
             # -- update ---------------------------------------------------------------------------
             current_lr = learning_rate(step, lr, warmup_steps)
@@ -362,10 +376,15 @@ def training_loop(
             if trigger is not None and needs and trigger.should_check(step):
                 _trigger_check(trigger, model, objective, probe, done, rank, world_size, device, logger)
             window.steps += 1
-            window.grad_norm += norm_value
+            window.grad_norm = window.grad_norm + stats[1]
             bar.update(1)
 
-            # -- log, checkpoint, sample ----------------------------------------------------------
+            # -- log, checkpoint, sample (each a sync point: a non-finite step stops the run first) --
+            sync = (done % log_every == 0 or done % checkpoint_every == 0 or done == steps
+                    or (sample_fn is not None and sample_every and done % sample_every == 0))
+            if sync:
+                _stop_if_non_finite(first_bad, steps, last_checkpoint)
+                loss_value = float(stats[0])
             if done % log_every == 0 or done == steps:
                 row = window.row(world_size, batch_size, current_lr)
                 logger.log(done, row)
