@@ -44,8 +44,12 @@ MAX_PR_REFERENCE = 10_000  # reference images used for precision/recall (ADM's r
 # ----------------------------------------------------------------------------------------------
 
 
-def inception_features(net, images: np.ndarray, batch_size: int, device: torch.device, desc: str) -> dict:
-    """uint8 [N,H,W,3] -> {"pool": [N,2048], "spatial": [N,S], "logits": [N,K] or None} (float64/32)."""
+def inception_features(net, images, batch_size: int, device: torch.device, desc: str) -> dict:
+    """uint8 [N,H,W,3] -> {"pool": [N,2048], "spatial": [N,S], "logits": [N,K] or None} (float32).
+
+    `images` is an array or anything with len() and slicing that returns uint8 [n,H,W,3] (e.g.
+    `ShardImages`), so a large reference is read batch by batch, never held in memory whole.
+    """
     chunks: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "logits": []}
     for lo in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
         x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + batch_size])).permute(0, 3, 1, 2).to(device)
@@ -55,6 +59,19 @@ def inception_features(net, images: np.ndarray, batch_size: int, device: torch.d
             if out.get(name) is not None:
                 chunks[name].append(out[name].float().cpu().numpy())
     return {name: (np.concatenate(v) if v else None) for name, v in chunks.items()}
+
+
+class ShardImages:
+    """The first `n` images of ingest shards as a lazily read uint8 [n,H,W,3] sequence."""
+
+    def __init__(self, index: ShardIndex, n: int):
+        self.index, self.n = index, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return np.stack([self.index.read_image(i) for i in range(*sl.indices(self.n))])
 
 
 def statistics(feats: dict) -> dict[str, np.ndarray]:
@@ -111,8 +128,7 @@ def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict,
     else:
         index = ShardIndex(shard_paths(shards_dir, manifest))
         n = len(index) if e.reference != "ingest" or not e.reference_limit else min(len(index), e.reference_limit)
-        images = np.stack([index.read_image(i) for i in range(n)])
-        feats = inception_features(net, images, e.batch_size, device, "reference")
+        feats = inception_features(net, ShardImages(index, n), e.batch_size, device, "reference")
         data = {**statistics(feats), "pool": feats["pool"][:MAX_PR_REFERENCE].astype(np.float32)}
         atomic_write_npz(cache, **data)
     pool = data.pop("pool")

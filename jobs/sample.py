@@ -135,14 +135,15 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
 def _draw_ray(plan: DrawPlan, todo: list[int], num_workers: int, device: str, bar) -> None:
     import ray  # only when asked for
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(num_workers, 1), include_dashboard=False, log_to_driver=False)
-    gpus = 1 if device != "cpu" and torch.cuda.is_available() else 0
-    task = ray.remote(num_gpus=gpus, num_cpus=1)(draw)
-    pending = [task.remote(plan, todo[k::num_workers], k) for k in range(num_workers) if todo[k::num_workers]]
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        bar.update(ray.get(ready[0]))
+    from pipeline.launch.ray import ray_session
+
+    with ray_session(max(num_workers, 1)):
+        gpus = 1 if device != "cpu" and torch.cuda.is_available() else 0
+        task = ray.remote(num_gpus=gpus, num_cpus=1)(draw)
+        pending = [task.remote(plan, todo[k::num_workers], k) for k in range(num_workers) if todo[k::num_workers]]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            bar.update(ray.get(ready[0]))
 
 
 def sample(cfg: ExperimentConfig, force: bool = False) -> None:

@@ -176,11 +176,12 @@ def _run_processes(job, extractor, device, num_workers, todo, bar) -> None:
 def _run_ray(job, extractor, device, num_workers, todo, bar) -> None:
     import ray  # only when asked for
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(num_workers, 1), include_dashboard=False, log_to_driver=False)
-    gpus = 1 if device != "cpu" and torch.cuda.is_available() else 0
-    task = ray.remote(num_gpus=gpus, num_cpus=1)(_worker)
-    pending = [task.remote(job, extractor, device, 0, [r], 1) for r in todo]
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        bar.update(ray.get(ready[0]))
+    from pipeline.launch.ray import ray_session
+
+    with ray_session(max(num_workers, 1)):
+        gpus = 1 if device != "cpu" and torch.cuda.is_available() else 0
+        task = ray.remote(num_gpus=gpus, num_cpus=1)(_worker)
+        pending = [task.remote(job, extractor, device, 0, [r], 1) for r in todo]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            bar.update(ray.get(ready[0]))

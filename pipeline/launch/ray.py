@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ class RayWorker:
 # ----------------------------------------------------------------------------------------------
 
 
-def _start_ray(num_cpus: int, address: str | None) -> bool:
+def start_ray(num_cpus: int, address: str | None) -> bool:
     """Connect to Ray (RAY_ADDRESS / `address`) or start a local instance; True if started here."""
     import ray
 
@@ -97,6 +97,19 @@ def _start_ray(num_cpus: int, address: str | None) -> bool:
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths), "RAY_USAGE_STATS_ENABLED": "0"}},
     )
     return True
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int, address: str | None = None) -> Iterator[None]:
+    """Ray connected for the block: joins a running instance, or starts one and shuts it down after."""
+    started = start_ray(num_cpus, address)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def launch(
@@ -126,7 +139,7 @@ def launch(
         raise ValueError(f"train.launcher='ray' needs ray[train] ({e}): pip install 'ray[train]'") from e
     if use_gpu is None:
         use_gpu = torch.cuda.is_available()
-    started = _start_ray(max(os.cpu_count() or 1, num_workers * cpus_per_worker + 1), address)
+    started = start_ray(max(os.cpu_count() or 1, num_workers * cpus_per_worker + 1), address)
     try:
         resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         trainer = TorchTrainer(
