@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from jobs.ingest import shard_paths
-from jobs.run import begin, say
+from jobs.run import begin, device_or_exit, say
 from jobs.stage import UsageError
 from pipeline.launch.ranges import StoreJob, run_store_job
 from pipeline.stores.shards import ShardIndex
@@ -76,6 +76,7 @@ def encode(cfg: ExperimentConfig, force: bool = False) -> None:
         return
     ingest = run.inputs["ingest"]
     index = ShardIndex(shard_paths(run.upstream["ingest"].path, ingest))
+    device_or_exit("vae.device", cfg.vae.device)  # before any compute
     vae = load_vae_or_exit(cfg)
     res = ingest.extra["resolution"]
     if res % vae.downsample:

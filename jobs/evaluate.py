@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 from jobs.ingest import ingest as run_ingest
 from jobs.ingest import shard_paths
-from jobs.run import begin, say
+from jobs.run import begin, device_or_exit, say
 from jobs.stage import UsageError, canonical_json
-from pipeline.launch.ranges import resolve_device
 from pipeline.metrics import frechet_distance
 from pipeline.metrics.frechet import feature_statistics
 from pipeline.metrics.inception import load_inception
@@ -145,7 +144,7 @@ def evaluate(cfg: ExperimentConfig, force: bool = False) -> None:
     if run is None:
         return
     e = cfg.eval
-    device = resolve_device(e.device)
+    device = device_or_exit("eval.device", e.device)
     try:
         net = load_inception(e.inception, device)
     except FileNotFoundError as exc:

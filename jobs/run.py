@@ -9,9 +9,27 @@ from pathlib import Path
 from typing import Any
 
 from jobs import layout
-from jobs.stage import StageSpec, StageState, build_manifest, invalidate, require_inputs, write_manifest
+from jobs.stage import (
+    StageSpec,
+    StageState,
+    UsageError,
+    build_manifest,
+    invalidate,
+    require_inputs,
+    write_manifest,
+)
 from schemas.config import ExperimentConfig
 from schemas.manifest import Manifest, OutputEntry
+
+
+def device_or_exit(key: str, name: str, worker: int = 0):
+    """The torch device for the config value `key` = `name`; CUDA asked for but absent is a UsageError."""
+    from pipeline.launch.ranges import resolve_device
+
+    try:
+        return resolve_device(name, worker)
+    except ValueError:
+        raise UsageError(f"{key} = {name!r} but CUDA is not available here; set {key} = 'auto' or 'cpu'") from None
 
 
 def say(stage: str, message: str) -> None:

@@ -27,9 +27,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from jobs.run import begin, say
+from jobs.run import begin, device_or_exit, say
 from jobs.stage import UsageError
-from pipeline.launch.ranges import resolve_device
 from pipeline.models import build_model
 from pipeline.sampling import class_balanced_labels
 from pipeline.sampling import sample as run_sampler
@@ -103,7 +102,7 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
 
     cfg = ExperimentConfig.model_validate(plan.config)
     s = cfg.sample
-    device = resolve_device(s.device, worker)
+    device = device_or_exit("sample.device", s.device, worker)
     model = load_run_model(Path(plan.run_dir), plan.train_extra, s.weights, device)
     vae = load_vae_or_exit(cfg, str(device))  # decode() takes the scaled latent
     num_classes = int(plan.train_extra["model_kwargs"]["num_classes"])

@@ -22,9 +22,9 @@ import torch
 
 from jobs.encode import KEY_WIDTH, check_keys
 from jobs.ingest import shard_paths
-from jobs.run import begin, say
+from jobs.run import begin, device_or_exit, say
 from jobs.stage import UsageError
-from pipeline.launch.ranges import StoreJob, resolve_device, run_store_job
+from pipeline.launch.ranges import StoreJob, run_store_job
 from pipeline.stores.shards import ShardIndex
 from pipeline.stores.zarr_store import ArraySpec, StoreReader
 from pipeline.teachers import dinov2
@@ -138,7 +138,7 @@ def teacher(cfg: ExperimentConfig, force: bool = False) -> None:
                    f"cache={t.cache} {t.dtype} ({per_image / 1024:.1f} KiB per image)")
 
     extractor = TeacherExtractor(t, cfg.vae.flip)
-    device = resolve_device(t.device)
+    device = device_or_exit("teacher.device", t.device)
     extractor.setup(device)
     first = np.stack([index.read_image(i) for i in range(min(len(index), 64))])
     with torch.inference_mode():

@@ -317,3 +317,16 @@ def test_online_teacher_with_flips_trains_from_the_ingest_images(tmp_path):
     train(cfg)
     rows = [json.loads(line) for line in (states(cfg)["train"].path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(r["repa"]) and np.isfinite(r["manifold"]) for r in rows)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda_is_a_usage_error(tmp_path):
+    from jobs.encode import encode
+    from jobs.ingest import ingest
+    from jobs.stage import UsageError
+
+    cfg = cfg_of(tiny_config(tmp_path), "vae.device=cuda")
+    ingest(cfg)
+    with pytest.raises(UsageError, match=r"vae.device = 'cuda' but CUDA is not available"):
+        encode(cfg)
+    assert states(cfg)["latents"].state == "missing"
