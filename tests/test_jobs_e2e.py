@@ -330,3 +330,37 @@ def test_cuda_asked_for_without_cuda_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match=r"vae.device = 'cuda' but CUDA is not available"):
         encode(cfg)
     assert states(cfg)["latents"].state == "missing"
+
+
+def test_killed_sampling_resumes_at_the_first_missing_batch(tmp_path, monkeypatch):
+    from jobs import sample as sample_job
+    from jobs.encode import encode
+    from jobs.ingest import ingest
+    from jobs.teacher import teacher
+    from jobs.train import train
+
+    cfg = cfg_of(tiny_config(tmp_path), "train.steps=2", "sample.num=24")
+    for stage in (ingest, encode, teacher, train):
+        stage(cfg)
+    sample_job.sample(cfg)
+    out = states(cfg)["sample"].path / "samples.npz"
+    whole = np.load(out)["arr_0"]
+
+    calls = {"n": 0}
+    original = sample_job.run_sampler
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sample_job, "run_sampler", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sample_job.sample(cfg, force=True)
+    assert states(cfg)["sample"].state == "missing"
+    monkeypatch.setattr(sample_job, "run_sampler", original)
+    sample_job.sample(cfg)
+    m = states(cfg)["sample"].manifest
+    assert m.stats["images_drawn"] == 16  # batches 1 and 2 of three 8-image batches
+    np.testing.assert_array_equal(np.load(out)["arr_0"], whole)
