@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,11 @@ def ingest(cfg: ExperimentConfig, force: bool = False) -> None:
 
     out = run.path
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp*"):  # temporary files of a killed run (never published)
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     shards = [tuple(items[i : i + d.shard_size]) for i in range(0, len(items), d.shard_size)]
     records: dict[int, dict] = {}
     for j in range(len(shards)):
