@@ -14,15 +14,13 @@ published atomically (temporary sibling, fsync, rename).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.stores.atomic import FILE_MODE, fsync_dir
+from pipeline.stores.atomic import atomic_write_npz
 
 ADM_REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -87,22 +85,7 @@ def save_reference(
     if images is not None:
         _check_images(images, str(path))
         arrays[IMAGES_KEY] = images
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # streamed into a temporary sibling (no in-memory copy of the images), then renamed into place
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(final.parent)
+    atomic_write_npz(path, **arrays)  # streamed: no in-memory copy of the images
 
 
 def load_reference(path: str | os.PathLike, *, images: bool = True) -> Reference:

@@ -9,15 +9,14 @@ is fsynced so the new name itself survives a power loss.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -45,14 +44,18 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (temporary sibling + fsync + os.replace)."""
+def atomic_write_with(path: PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Stream `write(file)` into a temporary sibling of `path`, fsync it, then os.replace it into place.
+
+    Nothing is held in memory beyond what `write` holds (torch.save, np.savez and the like write
+    straight to the file); on any exception the temporary file is removed and `path` is untouched.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
@@ -62,6 +65,11 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(final.parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (temporary sibling + fsync + os.replace)."""
+    atomic_write_with(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
@@ -126,6 +134,4 @@ def atomic_dir(final_path: PathLike) -> Iterator[Path]:
 
 def atomic_write_npz(path: PathLike, **arrays: np.ndarray) -> None:
     """Atomically write an uncompressed .npz of named arrays (np.load reads it back)."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_with(path, lambda f: np.savez(f, **arrays))

@@ -18,15 +18,14 @@ import contextlib
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
-from pipeline.stores.atomic import FILE_MODE, fsync_dir
+from pipeline.stores.atomic import atomic_write_bytes, atomic_write_with
 
 PathLike = str | os.PathLike
 CHECKPOINT_DIR = "checkpoints"
@@ -82,27 +81,10 @@ def prune(run_dir: PathLike, keep: int) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic_torch_save(obj: Any, final: Path) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(final.parent)
-
-
 def save(run_dir: PathLike, step: int, state: dict[str, Any], keep: int | None = None) -> Path:
     """Write `state` as checkpoints/step-{step:09d}.pt atomically, then keep only the newest `keep`."""
     path = checkpoint_path(run_dir, step)
-    _atomic_torch_save(state, path)
+    atomic_write_with(path, lambda f: torch.save(state, f))
     if keep is not None:
         prune(run_dir, keep)
     return path
@@ -168,17 +150,5 @@ def export_safetensors(path: PathLike, tensors: dict[str, torch.Tensor], metadat
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    try:
-        save_file(plain, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(final.parent)
+    atomic_write_bytes(final, safetensors_bytes(plain, metadata={k: str(v) for k, v in metadata.items()}))
     return final
