@@ -13,11 +13,12 @@ key and the fix.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch.nn as nn
+
+from pipeline.models.layers import as_int
 
 
 class AlignmentError(ValueError):
@@ -29,20 +30,11 @@ class AlignmentError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_int(value: object) -> int | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _is_grid(grid: object) -> bool:
     return (
         isinstance(grid, (tuple, list))
         and len(grid) == 2
-        and all(_as_int(g) is not None and g >= 1 for g in grid)
+        and all(as_int(g) is not None and g >= 1 for g in grid)
     )
 
 
@@ -54,7 +46,7 @@ def model_name(model: nn.Module) -> str:
 
 def num_blocks(model: nn.Module) -> int | None:
     """Number of blocks that `align_depth` and `attn_layers` index, or None when unknown."""
-    depth = _as_int(getattr(model, "depth", None))
+    depth = as_int(getattr(model, "depth", None))
     if depth is not None:
         return depth
     blocks = getattr(model, "blocks", None)
@@ -65,11 +57,11 @@ def num_blocks(model: nn.Module) -> int | None:
 
 def resolve_align_depth(model: nn.Module, depth: int) -> int:
     """align.depth (1-indexed; 0 = the model's default) -> the checked block number."""
-    if _as_int(depth) is None or depth < 0:
+    if as_int(depth) is None or depth < 0:
         raise AlignmentError(f"align.depth must be an int >= 0 (0 = model default), got {depth!r}")
     if depth == 0:
         depth = getattr(model, "default_align_depth", None)
-        if _as_int(depth) is None:
+        if as_int(depth) is None:
             raise AlignmentError(
                 f"align.depth is 0 (model default) but model {model_name(model)} has no "
                 "default_align_depth: set align.depth"
@@ -88,7 +80,7 @@ def align_width(model: nn.Module, depth: int) -> int:
     """Width C_h of the hidden tokens after block `depth`: model.align_width(depth) or hidden_size."""
     fn = getattr(model, "align_width", None)
     width = fn(depth) if callable(fn) else getattr(model, "hidden_size", None)
-    if _as_int(width) is None or width < 1:
+    if as_int(width) is None or width < 1:
         raise AlignmentError(
             f"model {model_name(model)} exposes no usable alignment width (align_width(depth) or "
             f"hidden_size), got {width!r}"
@@ -150,12 +142,12 @@ def check_attention_layers(
             f"align={align} needs attention logits, but model {name} has no attention layers "
             "(supports_attention is False); use a SiT/SiTDown model or align=repa|urepa"
         )
-    if _as_int(teacher_heads) is None or teacher_heads < 1:
+    if as_int(teacher_heads) is None or teacher_heads < 1:
         raise AlignmentError(
             f"align={align} needs the teacher's number of attention heads: teacher_heads must be an "
             f"int >= 1, got {teacher_heads!r}"
         )
-    heads = _as_int(getattr(model, "num_heads", None))
+    heads = as_int(getattr(model, "num_heads", None))
     if heads is None or heads < teacher_heads:
         raise AlignmentError(
             f"align={align} aligns the first {teacher_heads} attention heads of the student, but model "
@@ -163,7 +155,7 @@ def check_attention_layers(
         )
     n = num_blocks(model)
     for layer in layers:
-        index = _as_int(layer)
+        index = as_int(layer)
         if index is None or index < 0 or (n is not None and index >= n):
             allowed = f"0 .. {n - 1}" if n is not None else ">= 0"
             raise AlignmentError(
@@ -188,7 +180,7 @@ def teacher_geometry(
     align: str, teacher_dim: int | None, teacher_grid: tuple[int, int] | None
 ) -> tuple[int, tuple[int, int]]:
     """Check the teacher's token width D and patch grid (gh, gw) that an alignment needs."""
-    if _as_int(teacher_dim) is None or teacher_dim < 1:
+    if as_int(teacher_dim) is None or teacher_dim < 1:
         raise AlignmentError(
             f"align={align} needs the teacher width: teacher_dim must be an int >= 1, got {teacher_dim!r}"
         )
@@ -204,7 +196,7 @@ def check_teacher_layers(
 ) -> None:
     """Teacher blocks are 0-indexed and must exist: 0 <= layer < teacher_depth (when it is known)."""
     for layer in layers:
-        index = _as_int(layer)
+        index = as_int(layer)
         if index is None or index < 0 or (teacher_depth is not None and index >= teacher_depth):
             allowed = f"0 .. {teacher_depth - 1}" if teacher_depth is not None else ">= 0"
             raise AlignmentError(

@@ -248,7 +248,7 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_int(value: object) -> int | None:
+def as_int(value: object) -> int | None:
     """value as a Python int when it is an integer (int, numpy or 0-d tensor index), else None."""
     if isinstance(value, bool):
         return None
@@ -262,7 +262,7 @@ def check_align_depth(align_depth: int | None, num_blocks: int) -> int | None:
     """align_depth must be None or a block number in 1 .. num_blocks (1-indexed); returns it as int."""
     if align_depth is None:
         return None
-    depth = _as_int(align_depth)
+    depth = as_int(align_depth)
     if depth is None or not 1 <= depth <= num_blocks:
         raise ValueError(
             f"align_depth={align_depth!r} is not a block of this model: allowed values are "
@@ -280,7 +280,7 @@ def check_attn_layers(attn_layers: Sequence[int], num_blocks: int, supports_atte
         )
     layers = []
     for layer in requested:
-        index = _as_int(layer)
+        index = as_int(layer)
         if index is None or not 0 <= index < num_blocks:
             raise ValueError(
                 f"attn_layers contains {layer!r}, which is not a block of this model: allowed values "
