@@ -2,7 +2,7 @@
 
 Writes a store of N samples of fp16 [T, D] tokens (default: ImageNet-256 geometry, 256 x 768) to a
 temporary directory, then times reads of sorted random batches through StoreReader.read. Prints one
-JSON object. Usage: python bench/bench_store_read.py [--num 4096 --batch 256 --tokens 256 --dim 768]
+JSON object. Usage: python bench/bench_store_read.py [--num 2048 --batch 256 --tokens 256 --dim 768 --per-shard 512]
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from pipeline.stores.zarr_store import ArraySpec, StoreReader, StoreWriter
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--num", type=int, default=4096)
+    ap.add_argument("--num", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--per-shard", type=int, default=1024)
+    ap.add_argument("--per-shard", type=int, default=512)
     ap.add_argument("--reads", type=int, default=20)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
