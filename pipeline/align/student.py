@@ -30,6 +30,15 @@ class AlignmentError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+def block_index(layer: object, count: int | None, key: str, owner: str) -> int:
+    """`layer` as a 0-indexed block of `owner` (count None = unknown), else AlignmentError."""
+    index = as_int(layer)
+    if index is None or index < 0 or (count is not None and index >= count):
+        allowed = f"0 .. {count - 1}" if count is not None else ">= 0"
+        raise AlignmentError(f"{key} contains {layer!r}, which is not a block of {owner}: allowed {allowed} (0-indexed)")
+    return index
+
+
 def _is_grid(grid: object) -> bool:
     return (
         isinstance(grid, (tuple, list))
@@ -155,12 +164,7 @@ def check_attention_layers(
         )
     n = num_blocks(model)
     for layer in layers:
-        index = as_int(layer)
-        if index is None or index < 0 or (n is not None and index >= n):
-            allowed = f"0 .. {n - 1}" if n is not None else ">= 0"
-            raise AlignmentError(
-                f"{key} contains {layer!r}, which is not a block of model {name}: allowed {allowed} (0-indexed)"
-            )
+        index = block_index(layer, n, key, f"model {name}")
         grid = token_grid(model, index + 1)
         if grid != tuple(teacher_grid):
             raise AlignmentError(
@@ -196,9 +200,4 @@ def check_teacher_layers(
 ) -> None:
     """Teacher blocks are 0-indexed and must exist: 0 <= layer < teacher_depth (when it is known)."""
     for layer in layers:
-        index = as_int(layer)
-        if index is None or index < 0 or (teacher_depth is not None and index >= teacher_depth):
-            allowed = f"0 .. {teacher_depth - 1}" if teacher_depth is not None else ">= 0"
-            raise AlignmentError(
-                f"{key} contains {layer!r}, which is not a block of the teacher: allowed {allowed} (0-indexed)"
-            )
+        block_index(layer, teacher_depth, key, "the teacher")
