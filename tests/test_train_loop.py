@@ -397,6 +397,20 @@ def test_two_local_workers_equal_one(tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
+def fail_on_rank_one(config: dict) -> str:
+    """A per-worker function whose second rank raises."""
+    if current_context().rank == 1:
+        raise RuntimeError("rank one broke")
+    return "rank zero finished"
+
+
+@pytest.mark.slow
+def test_local_launcher_raises_the_error_of_a_failed_rank():
+    with pytest.raises(Exception, match="rank one broke"):
+        launch("local", fail_on_rank_one, {}, num_workers=2, use_gpu=False)
+    assert current_context() == WorkerContext()
+
+
 @pytest.mark.slow
 def test_two_ray_workers_equal_one(tmp_path):
     ray = pytest.importorskip("ray", reason="ray is not installed")
