@@ -26,7 +26,7 @@ from jobs.ingest import shard_paths
 from jobs.run import begin, device_or_exit, say
 from jobs.stage import UsageError, canonical_json
 from pipeline.metrics import frechet_distance
-from pipeline.metrics.frechet import feature_statistics
+from pipeline.metrics.frechet import RunningStatistics
 from pipeline.metrics.inception import load_inception
 from pipeline.metrics.reference import load_reference
 from pipeline.metrics.scores import inception_score, precision_recall
@@ -43,21 +43,38 @@ MAX_PR_REFERENCE = 10_000  # reference images used for precision/recall (ADM's r
 # ----------------------------------------------------------------------------------------------
 
 
-def inception_features(net, images, batch_size: int, device: torch.device, desc: str) -> dict:
-    """uint8 [N,H,W,3] -> {"pool": [N,2048], "spatial": [N,S], "logits": [N,K] or None} (float32).
+def inception_features(net, images, batch_size: int, device: torch.device, desc: str, *,
+                       keep_pool: int | None = None, logits: bool = True) -> dict:
+    """uint8 [N,H,W,3] -> Inception statistics and the features later steps need, streamed.
 
-    `images` is an array or anything with len() and slicing that returns uint8 [n,H,W,3] (e.g.
-    `ShardImages`), so a large reference is read batch by batch, never held in memory whole.
+    Returns {"mu" [2048], "sigma" [2048,2048] (pool), "mu_s", "sigma_s" (spatial), "pool": the
+    first `keep_pool` rows of [N,2048] (all when None), "logits": [N,K] when `logits` and the network
+    has them, else None}. `images` is an array or anything with len() and slicing that returns uint8
+    [n,H,W,3] (e.g. `ShardImages`); only one batch of images and the running moments are in memory,
+    so a full-ImageNet reference costs O(D^2), not O(N D).
     """
-    chunks: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "logits": []}
+    running: dict[str, RunningStatistics] = {}
+    pool: list[np.ndarray] = []
+    kept_logits: list[np.ndarray] = []
+    kept = 0
     for lo in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
         x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + batch_size])).permute(0, 3, 1, 2).to(device)
         with torch.inference_mode():
             out = net.features(x)
-        for name in chunks:
-            if out.get(name) is not None:
-                chunks[name].append(out[name].float().cpu().numpy())
-    return {name: (np.concatenate(v) if v else None) for name, v in chunks.items()}
+        batch = {name: out[name].float().cpu().numpy() for name in ("pool", "spatial")}
+        for name, rows in batch.items():
+            running.setdefault(name, RunningStatistics(rows.shape[1])).update(rows)
+        take = len(batch["pool"]) if keep_pool is None else max(0, min(len(batch["pool"]), keep_pool - kept))
+        if take:
+            pool.append(batch["pool"][:take])
+            kept += take
+        if logits and out.get("logits") is not None:
+            kept_logits.append(out["logits"].float().cpu().numpy())
+    if not running:
+        raise UsageError(f"{desc}: no images to evaluate")
+    (mu, sigma), (mu_s, sigma_s) = running["pool"].result(), running["spatial"].result()
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "pool": np.concatenate(pool),
+            "logits": np.concatenate(kept_logits) if kept_logits else None}
 
 
 class ShardImages:
@@ -71,12 +88,6 @@ class ShardImages:
 
     def __getitem__(self, sl: slice) -> np.ndarray:
         return np.stack([self.index.read_image(i) for i in range(*sl.indices(self.n))])
-
-
-def statistics(feats: dict) -> dict[str, np.ndarray]:
-    mu, sigma = feature_statistics(feats["pool"])
-    mu_s, sigma_s = feature_statistics(feats["spatial"])
-    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,8 +121,8 @@ def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict,
         ref = load_reference(path)
         pool = None
         if ref.images is not None:
-            imgs = ref.images[:MAX_PR_REFERENCE]
-            pool = inception_features(net, imgs, e.batch_size, device, "reference")["pool"]
+            pool = inception_features(net, ref.images[:MAX_PR_REFERENCE], e.batch_size, device, "reference",
+                                      logits=False)["pool"]
         stats = {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s}
         return stats, pool, str(path)
 
@@ -127,8 +138,9 @@ def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict,
     else:
         index = ShardIndex(shard_paths(shards_dir, manifest))
         n = len(index) if e.reference != "ingest" or not e.reference_limit else min(len(index), e.reference_limit)
-        feats = inception_features(net, ShardImages(index, n), e.batch_size, device, "reference")
-        data = {**statistics(feats), "pool": feats["pool"][:MAX_PR_REFERENCE].astype(np.float32)}
+        feats = inception_features(net, ShardImages(index, n), e.batch_size, device, "reference",
+                                   keep_pool=MAX_PR_REFERENCE, logits=False)
+        data = {k: feats[k] for k in ("mu", "sigma", "mu_s", "sigma_s")} | {"pool": feats["pool"].astype(np.float32)}
         atomic_write_npz(cache, **data)
     pool = data.pop("pool")
     return data, pool, f"{shards_dir} ({len(pool)} images for precision/recall)"
@@ -157,10 +169,9 @@ def evaluate(cfg: ExperimentConfig, force: bool = False) -> None:
 
     ref, ref_pool, ref_desc = reference_statistics(cfg, run, net, device)
     feats = inception_features(net, images, e.batch_size, device, "samples")
-    stats = statistics(feats)
     metrics: dict[str, float | int | str | None] = {
-        "fid": frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]),
-        "sfid": frechet_distance(stats["mu_s"], stats["sigma_s"], ref["mu_s"], ref["sigma_s"]),
+        "fid": frechet_distance(feats["mu"], feats["sigma"], ref["mu"], ref["sigma"]),
+        "sfid": frechet_distance(feats["mu_s"], feats["sigma_s"], ref["mu_s"], ref["sigma_s"]),
     }
     if feats["logits"] is not None:
         metrics["is"], metrics["is_std"] = inception_score(feats["logits"], e.splits)

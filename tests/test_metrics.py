@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import pipeline.metrics.frechet as frechet_module
 from pipeline.metrics import (
     Reference,
+    RunningStatistics,
     feature_statistics,
     frechet_distance,
     inception_score,
@@ -114,6 +115,24 @@ def test_feature_statistics_match_numpy(monkeypatch):
     assert np.allclose(sigma, np.cov(x, rowvar=False), atol=1e-12)
     with pytest.raises(ValueError, match="at least 2"):
         feature_statistics(feats[:1])
+
+
+def test_running_statistics_over_uneven_batches_match_numpy_far_from_zero(monkeypatch):
+    monkeypatch.setattr(frechet_module, "STATS_CHUNK", 5)  # batches split again inside update
+    rng = np.random.default_rng(5)
+    # an offset of 1e4 with unit spread: sums of raw squares would lose ~8 of float64's 16 digits
+    feats = rng.standard_normal((61, 4)) + 1e4
+    running = RunningStatistics(4)
+    for lo, hi in ((0, 0), (0, 1), (1, 13), (13, 14), (14, 61)):  # empty, single-row and long batches
+        running.update(feats[lo:hi])
+    mu, sigma = running.result()
+    assert running.n == 61
+    assert np.allclose(mu, feats.mean(0), rtol=0, atol=1e-10)
+    assert np.allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"\[n, 4\]"):
+        running.update(feats[:, :3])
+    with pytest.raises(ValueError, match="at least 2"):
+        RunningStatistics(4).result()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,3 +416,48 @@ def test_fid_real_halves_much_closer_than_noise(inception):
     precision_real, _ = precision_recall(feats[0], feats[1], k=3)
     precision_noise, recall_noise = precision_recall(feats[0], feats[2], k=3)
     assert precision_real > 0.5 and precision_noise == 0.0 and recall_noise == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+#                                  Streaming evaluation features
+# ----------------------------------------------------------------------------------------------
+
+
+class _PixelFeatures:
+    """A stand-in network whose "features" are fixed slices of the pixels, so the answer is known."""
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        flat = x.flatten(1).float()
+        return {"pool": flat[:, :6], "spatial": flat[:, 6:10], "logits": flat[:, :3]}
+
+
+class _RecordedImages:
+    """uint8 images read only through slices, recording each slice's length."""
+
+    def __init__(self, images: np.ndarray):
+        self.images, self.reads = images, []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        out = self.images[sl]
+        self.reads.append(len(out))
+        return out
+
+
+def test_inception_features_stream_statistics_and_keep_only_what_is_asked():
+    from jobs.evaluate import inception_features
+
+    images = np.random.default_rng(6).integers(0, 256, (23, 4, 4, 3), dtype=np.uint8)
+    flat = torch.from_numpy(images).permute(0, 3, 1, 2).flatten(1).double().numpy()
+    seq = _RecordedImages(images)
+    out = inception_features(_PixelFeatures(), seq, 5, torch.device("cpu"), "test", keep_pool=7, logits=False)
+    assert seq.reads == [5, 5, 5, 5, 3]  # batch by batch, never the whole set
+    for (mu_key, sigma_key), cols in ((("mu", "sigma"), slice(0, 6)), (("mu_s", "sigma_s"), slice(6, 10))):
+        assert np.allclose(out[mu_key], flat[:, cols].mean(0), atol=1e-9)
+        assert np.allclose(out[sigma_key], np.cov(flat[:, cols], rowvar=False), atol=1e-7)
+    assert np.array_equal(out["pool"], flat[:7, :6].astype(np.float32)) and out["logits"] is None
+    everything = inception_features(_PixelFeatures(), images, 5, torch.device("cpu"), "test")
+    assert everything["pool"].shape == (23, 6)
+    assert np.array_equal(everything["logits"], flat[:, :3].astype(np.float32))

@@ -3,7 +3,7 @@ statistics), Inception Score, improved precision / recall, and ADM-layout refere
 
 Loading the Inception network (load_inception) reads its weights only when called."""
 
-from pipeline.metrics.frechet import feature_statistics, frechet_distance
+from pipeline.metrics.frechet import RunningStatistics, feature_statistics, frechet_distance
 from pipeline.metrics.inception import InceptionFeatures, load_inception
 from pipeline.metrics.reference import Reference, load_reference, save_reference
 from pipeline.metrics.scores import inception_score, precision_recall
@@ -11,6 +11,7 @@ from pipeline.metrics.scores import inception_score, precision_recall
 __all__ = [
     "InceptionFeatures",
     "Reference",
+    "RunningStatistics",
     "feature_statistics",
     "frechet_distance",
     "inception_score",

@@ -33,28 +33,59 @@ def _as_numpy(a: ArrayLike) -> np.ndarray:
     return np.asarray(a)
 
 
+class RunningStatistics:
+    """Mean and unbiased covariance of feature rows seen batch by batch, in float64.
+
+    Each batch contributes its own mean and centred scatter (float64), merged with the running
+    ones by the pairwise update of Chan, Golub and LeVeque:
+
+        n = n_a + n_b,  delta = mean_b - mean_a,
+        mean = mean_a + delta * n_b / n,  M = M_a + M_b + delta delta^T * n_a n_b / n,
+
+    so no sum of raw squares is formed (exact for features far from zero) and memory is O(D^2),
+    whatever the number of rows: a 1.28M-image reference never has to be held in memory.
+    """
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.mean = np.zeros(dim, dtype=np.float64)
+        self.scatter = np.zeros((dim, dim), dtype=np.float64)
+
+    def update(self, features: ArrayLike) -> None:
+        """Add rows [n, D] (n may be 0)."""
+        x = _as_numpy(features)
+        if x.ndim != 2 or x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"features must have shape [n, {self.mean.shape[0]}], got {list(x.shape)}")
+        for lo in range(0, x.shape[0], STATS_CHUNK):
+            block = x[lo:lo + STATS_CHUNK].astype(np.float64)
+            n_b = block.shape[0]
+            mean_b = block.mean(axis=0)
+            block -= mean_b
+            n = self.n + n_b
+            delta = mean_b - self.mean
+            self.scatter += block.T @ block + np.outer(delta, delta) * (self.n * n_b / n)
+            self.mean += delta * (n_b / n)
+            self.n = n
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean [D], covariance [D, D] with divisor N - 1, like np.cov)."""
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 rows, got N={self.n}")
+        return self.mean.copy(), self.scatter / (self.n - 1)
+
+
 def feature_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and unbiased covariance [D, D] (divisor N - 1, like np.cov) of features [N, D], float64.
 
-    Two passes (mean, then centred blocks of rows cast to float64), so a large float32 feature
-    matrix is never copied whole to float64.
+    Rows are cast to float64 `STATS_CHUNK` at a time, so a large float32 feature matrix is never
+    copied whole to float64.
     """
     x = _as_numpy(features)
     if x.ndim != 2:
         raise ValueError(f"features must have shape [N, D], got {list(x.shape)}")
-    n, d = x.shape
-    if n < 2:
-        raise ValueError(f"feature_statistics needs at least 2 rows to estimate a covariance, got N={n}")
-    mu = np.zeros(d, dtype=np.float64)
-    for start in range(0, n, STATS_CHUNK):
-        mu += x[start:start + STATS_CHUNK].sum(axis=0, dtype=np.float64)
-    mu /= n
-    sigma = np.zeros((d, d), dtype=np.float64)
-    for start in range(0, n, STATS_CHUNK):
-        block = x[start:start + STATS_CHUNK].astype(np.float64) - mu
-        sigma += block.T @ block
-    sigma /= n - 1
-    return mu, sigma
+    stats = RunningStatistics(x.shape[1])
+    stats.update(x)
+    return stats.result()
 
 
 # ----------------------------------------------------------------------------------------------
