@@ -171,13 +171,15 @@ def status(
     overrides: SetOpt = None,
     force: ForceOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per stage.")] = False,
+    deep: Annotated[bool, typer.Option("--deep", help="Also rehash every output file against its recorded "
+                                                     "sha256 (reads all the data).")] = False,
 ) -> None:
     """Every stage of the config: up-to-date / stale (and why) / missing."""
 
     def show(cfg):
         from jobs.layout import states
 
-        rows = [s.as_json() for s in states(cfg).values()]
+        rows = [s.as_json() for s in states(cfg, deep=deep).values()]
         if as_json:
             print(json.dumps(rows, indent=2))
             return

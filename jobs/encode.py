@@ -21,7 +21,7 @@ from jobs.run import begin, device_or_exit, say
 from jobs.stage import UsageError
 from pipeline.launch.ranges import StoreJob, run_store_job
 from pipeline.stores.shards import ShardIndex
-from pipeline.stores.zarr_store import ArraySpec, StoreReader
+from pipeline.stores.zarr_store import ArraySpec, StoreReader, array_digests, published_files
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry
 
@@ -97,10 +97,7 @@ def encode(cfg: ExperimentConfig, force: bool = False) -> None:
     stats = run_store_job(job, index, extractor, device=cfg.vae.device, launcher=cfg.stores.launcher,
                           num_workers=cfg.stores.num_workers, desc="encode", fresh=force)
 
-    reader = StoreReader(job.store)
-    outputs = [OutputEntry(name=s.name, kind="array", shape=[len(index), *s.shape], dtype=s.dtype,
-                           count=len(index)) for s in specs]
-    check_keys(reader, index)
+    outputs = store_outputs(StoreReader(job.store), index)
     run.finish(outputs, stats, extra={
         "num_images": len(index), "scaling_factor": attrs["scaling_factor"], "latent_shape": list(latent),
         "latent_channels": latent[0] // 2, "vae": cfg.vae.name, "flip": cfg.vae.flip,
@@ -108,8 +105,13 @@ def encode(cfg: ExperimentConfig, force: bool = False) -> None:
     })
 
 
-def check_keys(reader: StoreReader, index: ShardIndex) -> None:
-    """Row i of the store must be image i of the ingest shards."""
+def store_outputs(reader: StoreReader, index: ShardIndex) -> list[OutputEntry]:
+    """The manifest entries of a finished store (shape, dtype, bytes, sha256 over its shard files),
+    after checking that row i of the store is image i of the ingest shards."""
     keys = np.asarray(reader.array("keys")[:])
     if list(map(str, keys)) != index.keys:
         raise RuntimeError(f"store keys of {reader.path} do not match the ingest shards' keys")
+    files, digests = published_files(reader.path), array_digests(reader.path)
+    return [OutputEntry(name=s.name, kind="array", shape=[len(reader), *s.shape], dtype=s.dtype, count=len(reader),
+                        bytes=sum(f["bytes"] for f in files[s.name]), sha256=digests[s.name])
+            for s in reader.specs.values()]

@@ -17,6 +17,8 @@ import hashlib
 from pathlib import Path
 
 from jobs.stage import StageSpec, StageState, canonical_json, evaluate_state, lookup
+from pipeline.stores.checksum import sha256_file
+from pipeline.stores.zarr_store import StoreReader, array_digests
 from schemas.config import AlignConfig, ExperimentConfig, TrainConfig
 from schemas.manifest import Manifest
 
@@ -80,7 +82,10 @@ def run_name(cfg: ExperimentConfig) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _files_exist(manifest: Manifest, directory: Path) -> str | None:
+def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | None:
+    """Files and shards exist with the recorded sizes; store arrays exist, every range is published and
+    the markers' checksums are those the manifest recorded. `deep`: also rehash every file."""
+    store, digests = directory / "store.zarr", None
     for entry in manifest.outputs:
         if entry.kind in ("shard", "file"):
             path = directory / entry.name
@@ -88,8 +93,19 @@ def _files_exist(manifest: Manifest, directory: Path) -> str | None:
                 return f"{path} is missing"
             if entry.bytes and path.stat().st_size != entry.bytes:
                 return f"{path} has {path.stat().st_size} bytes, manifest says {entry.bytes}"
-        elif entry.kind == "array" and not (directory / "store.zarr" / entry.name).exists():
-            return f"array {entry.name} is missing from {directory / 'store.zarr'}"
+            if deep and entry.sha256 and sha256_file(path) != entry.sha256:
+                return f"{path} does not have the sha256 the manifest records (its bytes changed)"
+        elif entry.kind == "array":
+            if not (store / entry.name).exists():
+                return f"array {entry.name} is missing from {store}"
+            digests = array_digests(store) if digests is None else digests  # one pass over the markers
+            if entry.sha256 and digests.get(entry.name) != entry.sha256:
+                return f"array {entry.name} of {store} is not the one the manifest records (its shard checksums differ)"
+    if deep and any(e.kind == "array" for e in manifest.outputs):
+        try:
+            return StoreReader(store, allow_incomplete=True).verify(deep=True)
+        except (OSError, ValueError) as exc:
+            return str(exc)
     return None
 
 
@@ -122,25 +138,25 @@ def _eval_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec("ingest", 1, lambda c: INGEST_KEYS, lambda c: (), lambda c: _workdir(c) / "ingest",
-                        _files_exist),
+                        _outputs_verify),
     "latents": StageSpec("latents", 1, lambda c: LATENT_KEYS, lambda c: ("ingest",),
-                         lambda c: _workdir(c) / "latents", _files_exist),
+                         lambda c: _workdir(c) / "latents", _outputs_verify),
     "teacher": StageSpec("teacher", 1, lambda c: TEACHER_KEYS, lambda c: ("ingest",),
-                         lambda c: _workdir(c) / "teacher", _files_exist),
-    "train": StageSpec("train", 1, train_keys, _train_inputs, _run_dir, _files_exist),
+                         lambda c: _workdir(c) / "teacher", _outputs_verify),
+    "train": StageSpec("train", 1, train_keys, _train_inputs, _run_dir, _outputs_verify),
     "sample": StageSpec("sample", 1, lambda c: SAMPLE_KEYS, lambda c: ("latents", "train"),
-                        lambda c: _run_dir(c) / "samples", _files_exist),
+                        lambda c: _run_dir(c) / "samples", _outputs_verify),
     "evaluate": StageSpec("evaluate", 1, _eval_keys, _eval_inputs, lambda c: _run_dir(c) / "eval",
-                          _files_exist),
+                          _outputs_verify),
 }
 
 
-def states(cfg: ExperimentConfig, upto: str | None = None) -> dict[str, StageState]:
-    """States of every stage in order (or up to and including `upto`)."""
+def states(cfg: ExperimentConfig, upto: str | None = None, deep: bool = False) -> dict[str, StageState]:
+    """States of every stage in order (or up to and including `upto`); `deep` rehashes outputs."""
     out: dict[str, StageState] = {}
     for name in STAGES:
         spec = SPECS[name]
-        out[name] = evaluate_state(spec, cfg, {n: out[n] for n in spec.inputs(cfg)})
+        out[name] = evaluate_state(spec, cfg, {n: out[n] for n in spec.inputs(cfg)}, deep)
         if name == upto:
             break
     return out

@@ -18,6 +18,7 @@ from jobs.stage import (
     require_inputs,
     write_manifest,
 )
+from pipeline.stores.checksum import sha256_file
 from schemas.config import ExperimentConfig
 from schemas.manifest import Manifest, OutputEntry
 
@@ -57,6 +58,8 @@ class StageRun:
 
     def finish(self, outputs: list[OutputEntry], stats: dict[str, Any], extra: dict[str, Any] | None = None) -> Manifest:
         stats = {"seconds": round(time.time() - self.started, 3), **stats}
+        outputs = [e.model_copy(update={"sha256": sha256_file(self.path / e.name)}) if e.kind == "file" and not e.sha256
+                   else e for e in outputs]  # so `repa status --deep` can check every file's bytes
         manifest = build_manifest(self.spec, self.state, self.cfg, self.upstream, outputs, stats, extra)
         write_manifest(self.path, manifest)
         say(self.spec.name, f"done in {stats['seconds']:.1f}s -> {self.path}")

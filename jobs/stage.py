@@ -45,7 +45,8 @@ class StageSpec:
     inputs:       upstream stage names, given the config (some depend on it, e.g. the train stage
                   reads the teacher store only when aligning).
     directory:    the output directory (the one holding manifest.json), given the config.
-    verify:       cheap check that a manifest's outputs are still on disk; returns a reason or None.
+    verify:       check that a manifest's outputs are still on disk, (manifest, directory, deep) ->
+                  a reason or None; cheap (sizes, store markers) unless `deep` (rehash every byte).
     """
 
     name: str
@@ -53,7 +54,7 @@ class StageSpec:
     keys: Callable[[ExperimentConfig], tuple[str, ...]]
     inputs: Callable[[ExperimentConfig], tuple[str, ...]]
     directory: Callable[[ExperimentConfig], Path]
-    verify: Callable[[Manifest, Path], str | None] = field(default=lambda m, p: None)
+    verify: Callable[[Manifest, Path, bool], str | None] = field(default=lambda m, p, deep: None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,9 +132,9 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def evaluate_state(
-    spec: StageSpec, cfg: ExperimentConfig, upstream: dict[str, StageState]
+    spec: StageSpec, cfg: ExperimentConfig, upstream: dict[str, StageState], deep: bool = False
 ) -> StageState:
-    """State of one stage, given the states of the stages it reads."""
+    """State of one stage, given the states of the stages it reads; `deep` rehashes its outputs."""
     path = spec.directory(cfg)
     config = stage_config(spec, cfg)
     refs: list[InputRef] = []
@@ -158,7 +159,7 @@ def evaluate_state(
         state.reason = f"{manifest_path} belongs to stage {manifest.stage}"
         return state
     if manifest.fingerprint == fp:
-        problem = spec.verify(manifest, path)
+        problem = spec.verify(manifest, path, deep)
         if problem:
             state.reason = f"outputs do not verify: {problem}"
             return state

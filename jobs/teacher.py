@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from jobs.encode import KEY_WIDTH, check_keys
+from jobs.encode import KEY_WIDTH, store_outputs
 from jobs.ingest import shard_paths
 from jobs.run import begin, device_or_exit, say
 from jobs.stage import UsageError
@@ -30,7 +30,6 @@ from pipeline.stores.zarr_store import ArraySpec, StoreReader
 from pipeline.teachers import dinov2
 from pipeline.teachers.quantize import dequantize, quantize_int8
 from schemas.config import ExperimentConfig, TeacherConfig
-from schemas.manifest import OutputEntry
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -146,8 +145,6 @@ def teacher(cfg: ExperimentConfig, force: bool = False) -> None:
     del extractor  # workers load their own copy
     stats = run_store_job(job, index, TeacherExtractor(t, cfg.vae.flip), device=t.device, launcher=cfg.stores.launcher,
                           num_workers=cfg.stores.num_workers, desc="teacher", fresh=force)
-    check_keys(StoreReader(job.store), index)
-    outputs = [OutputEntry(name=s.name, kind="array", shape=[len(index), *s.shape], dtype=s.dtype,
-                           count=len(index)) for s in specs]
+    outputs = store_outputs(StoreReader(job.store), index)
     run.finish(outputs, {**stats, **fidelity, "bytes_per_image": per_image},
                extra={**info, **fidelity, "arrays": [s.name for s in specs]})

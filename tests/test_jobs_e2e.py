@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jobs.layout import states
-from pipeline.stores.zarr_store import StoreReader
+from pipeline.stores.zarr_store import StoreReader, array_digests
 from schemas.loading import load_config
 from tests.conftest import repa
 
@@ -105,6 +105,41 @@ def test_features_rerun_is_up_to_date_and_a_change_is_stale(tmp_path):
     by = {r["stage"]: r for r in rows}
     assert by["ingest"]["reason"] == "data.seed changed"
     assert "input ingest changed" in by["latents"]["reason"] and "input ingest changed" in by["teacher"]["reason"]
+
+
+def flip_a_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_manifests_carry_checksums_that_status_deep_rereads(tmp_path):
+    config = tiny_config(tmp_path)
+    ok(repa("features", "-c", str(config)))
+    work = tmp_path / "work"
+    store = work / "teacher" / "store.zarr"
+    teacher = states(cfg_of(config))["teacher"].manifest
+    tokens = next(o for o in teacher.outputs if o.kind == "array" and o.name == "tokens")
+    shard_files = sorted(f for f in (store / "tokens" / "c").rglob("*") if f.is_file())
+    assert tokens.bytes == sum(f.stat().st_size for f in shard_files) and len(shard_files) == 4
+    assert tokens.sha256 == array_digests(store)["tokens"]
+    by = {r["stage"]: r for r in json.loads(ok_out(repa("status", "-c", str(config), "--json", "--deep")))}
+    assert [by[s]["state"] for s in ("ingest", "latents", "teacher")] == ["up-to-date"] * 3
+
+    flip_a_byte(shard_files[1])  # same size: only rereading the bytes can tell
+    by = {r["stage"]: r for r in json.loads(ok_out(repa("status", "-c", str(config), "--json")))}
+    assert by["teacher"]["state"] == "up-to-date"
+    by = {r["stage"]: r for r in json.loads(ok_out(repa("status", "-c", str(config), "--json", "--deep")))}
+    assert by["latents"]["state"] == "up-to-date"
+    assert by["teacher"]["state"] == "stale" and str(shard_files[1]) in by["teacher"]["reason"]
+    assert "sha256" in by["teacher"]["reason"]
+
+    ingest = states(cfg_of(config))["ingest"].manifest
+    flip_a_byte(work / "ingest" / ingest.outputs[0].name)
+    by = {r["stage"]: r for r in json.loads(ok_out(repa("status", "-c", str(config), "--json", "--deep")))}
+    assert by["ingest"]["state"] == "stale" and "sha256" in by["ingest"]["reason"]
+    # the stores were computed from the ingest's intact bytes (same fingerprint): they stay valid
+    assert by["latents"]["state"] == "up-to-date"
 
 
 def ok_out(proc) -> str:
@@ -205,6 +240,16 @@ def test_train_refuses_a_teacher_store_from_another_ingest(tmp_path):
     store = tmp_path / "work" / "teacher" / "store.zarr"
     shutil.rmtree(store)
     shutil.copytree(tmp_path / "other" / "teacher" / "store.zarr", store)  # same shapes, other images
+    proc = repa("train", "-c", str(config))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "not the one the manifest records" in proc.stderr and "Traceback" not in proc.stderr
+    # without the manifest's checksums (stores written before they existed) the store's own
+    # fingerprint attribute still gives it away
+    manifest = tmp_path / "work" / "teacher" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    for entry in data["outputs"]:
+        entry["sha256"] = ""
+    manifest.write_text(json.dumps(data))
     proc = repa("train", "-c", str(config))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "another ingest" in proc.stderr and "Traceback" not in proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import pickle
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.stores.zarr_store import ArraySpec, StoreReader, StoreWriter
+from pipeline.stores.zarr_store import ArraySpec, StoreReader, StoreWriter, array_digests, published_files
 
 # zarr flags fixed-width strings as not yet in the v3 spec whenever a test reads keys through zarr
 pytestmark = pytest.mark.filterwarnings("ignore:The data type .* does not have a Zarr V3 specification")
@@ -256,6 +257,43 @@ def test_incomplete_store_is_refused_by_reader(tmp_path):
     for a, b in [(16, 24), (24, 32)]:
         writer.write_range(a, b, {k: v[a:b] for k, v in data.items()})
     assert "labels/c/1" in writer.verify()
+
+
+def test_markers_record_shard_checksums_and_deep_verify_rereads_them(tmp_path):
+    data = make_data()
+    path = tmp_path / "s.zarr"
+    writer = write_all(path, data)
+    writer.finish()
+    files = published_files(path)
+    assert sorted(files) == sorted(s.name for s in SPECS)
+    for name, entries in files.items():
+        assert len(entries) == 5  # one shard file per range
+        for e in entries:  # the recorded digest is the file's, computed independently here
+            assert e["sha256"] == hashlib.sha256((path / name / e["key"]).read_bytes()).hexdigest()
+    digests = array_digests(path)
+    expected = hashlib.sha256("".join(f"{e['key']} {e['sha256']}\n" for e in files["tokens"]).encode()).hexdigest()
+    assert digests["tokens"] == expected
+    assert array_digests(write_all(tmp_path / "again.zarr", data).path) == digests  # same data, same digests
+    assert writer.verify(deep=True) is None and StoreReader(path).verify(deep=True) is None
+
+    # one flipped byte keeps the size: only the deep check sees it
+    victim = path / "moments" / files["moments"][2]["key"]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    assert writer.verify() is None
+    problem = writer.verify(deep=True)
+    assert problem and str(victim) in problem and "sha256" in problem
+
+    # a store published before checksums existed cannot be checked deeply, and says so
+    marker = path / ".ranges" / "0-8"
+    old = json.loads(marker.read_text())
+    for entries in old["files"].values():
+        for e in entries:
+            e.pop("sha256")
+    marker.write_text(json.dumps(old))
+    assert "without a checksum" in writer.verify(deep=True)
+    assert "tokens" not in array_digests(path)
 
 
 # ----------------------------------------------------------------------------------------------

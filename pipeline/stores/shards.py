@@ -32,7 +32,6 @@ from pipeline.stores.atomic import FILE_MODE, PathLike, fsync_dir
 IMAGE_FIELD = "png"
 LABEL_FIELD = "cls"
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-]+)*$")  # no dots: WebDataset splits at the first
-HASH_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -48,15 +47,6 @@ class ShardInfo:
 # ----------------------------------------------------------------------------------------------
 #                                          Hashing
 # ----------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _HashingWriter:

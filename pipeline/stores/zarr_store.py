@@ -5,7 +5,8 @@ Layout on disk (`path` is the group directory):
     {path}/zarr.json                    group metadata; attributes = user attrs + "store_layout"
     {path}/{name}/zarr.json             one array per ArraySpec, shape [N, *spec.shape]
     {path}/{name}/c/<s>/0/.../0         shard file s: samples [s * S, (s + 1) * S), S = samples_per_shard
-    {path}/.ranges/{start}-{stop}       marker: the range [start, stop) is published (JSON, file sizes)
+    {path}/.ranges/{start}-{stop}       marker: the range [start, stop) is published (JSON: its shard
+                                        files' sizes and sha256)
     {path}/.scratch/{start}-{stop}-*    a range being written (removed when it is published)
 
 Every array is chunked one sample per chunk along axis 0 (a chunk is the whole per-sample array) and
@@ -58,6 +59,7 @@ import zarr
 import zarr.codecs
 
 from pipeline.stores.atomic import PathLike, atomic_write_json, fsync_dir
+from pipeline.stores.checksum import combined_digest, sha256_file
 
 LAYOUT_KEY = "store_layout"  # reserved group attribute holding the store's own bookkeeping
 FORMAT_VERSION = 1
@@ -266,8 +268,7 @@ class StoreWriter:
 
     def ranges(self) -> list[tuple[int, int]]:
         """Shard-aligned ranges [start, stop) covering [0, N): one per shard file, the last one short."""
-        s = self.samples_per_shard
-        return [(a, min(a + s, self.num_samples)) for a in range(0, self.num_samples, s)]
+        return _shard_ranges(self.num_samples, self.samples_per_shard)
 
     def done(self) -> set[int]:
         """Starts of the ranges already published (their markers exist)."""
@@ -308,9 +309,9 @@ class StoreWriter:
             files: dict[str, list[dict[str, Any]]] = {}
             for move in moves:
                 move.dst.parent.mkdir(parents=True, exist_ok=True)
-                size = move.src.stat().st_size
+                entry = {"key": move.key, "bytes": move.src.stat().st_size, "sha256": sha256_file(move.src)}
                 os.replace(move.src, move.dst)
-                files.setdefault(move.name, []).append({"key": move.key, "bytes": size})
+                files.setdefault(move.name, []).append(entry)
             for parent in {move.dst.parent for move in moves}:
                 fsync_dir(parent)
             marker = {"start": start, "stop": stop, "files": files}
@@ -371,10 +372,10 @@ class StoreWriter:
 
     # -- completion --------------------------------------------------------------------------
 
-    def verify(self) -> str | None:
-        """None when every range is marked and its shard files exist with the recorded sizes; else a
-        message naming what is missing."""
-        return _verify(self.path, self.specs, self.ranges())
+    def verify(self, deep: bool = False) -> str | None:
+        """None when every range is marked and its shard files exist with the recorded sizes (and,
+        when `deep`, the recorded sha256: every byte is read); else a message naming what is wrong."""
+        return _verify(self.path, self.specs, self.ranges(), deep)
 
     def finish(self) -> None:
         """Check that the store is complete (RuntimeError otherwise) and remove the scratch area."""
@@ -393,6 +394,11 @@ class _Move(NamedTuple):
     dst: Path
 
 
+def _shard_ranges(num_samples: int, samples_per_shard: int) -> list[tuple[int, int]]:
+    s = samples_per_shard
+    return [(a, min(a + s, num_samples)) for a in range(0, num_samples, s)]
+
+
 def _markers(path: Path) -> list[tuple[int, int]]:
     out = []
     ranges_dir = path / RANGES_DIR
@@ -405,7 +411,7 @@ def _markers(path: Path) -> list[tuple[int, int]]:
     return sorted(out)
 
 
-def _verify(path: Path, specs: Sequence[ArraySpec], ranges: list[tuple[int, int]]) -> str | None:
+def _verify(path: Path, specs: Sequence[ArraySpec], ranges: list[tuple[int, int]], deep: bool = False) -> str | None:
     if not (path / "zarr.json").is_file():
         return f"store {path} does not exist"
     marked = set(_markers(path))
@@ -424,7 +430,30 @@ def _verify(path: Path, specs: Sequence[ArraySpec], ranges: list[tuple[int, int]
                 f = path / spec.name / entry["key"]
                 if not f.is_file() or f.stat().st_size != entry["bytes"]:
                     return f"shard file {f} is missing or does not have the {entry['bytes']} bytes its marker records"
+                if deep and "sha256" not in entry:
+                    return f"shard file {f} was published without a checksum; rebuild the store to get one"
+                if deep and sha256_file(f) != entry["sha256"]:
+                    return f"shard file {f} does not have the sha256 its marker records (its bytes changed)"
     return None
+
+
+def published_files(path: PathLike) -> dict[str, list[dict[str, Any]]]:
+    """{array name: its shard files in range order, each {"key", "bytes"[, "sha256"]}}, read from the
+    range markers of the store at `path` (no data is read)."""
+    path = Path(path)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for start, stop in _markers(path):
+        marker = json.loads((path / RANGES_DIR / f"{start}-{stop}").read_text())
+        for name, entries in marker.get("files", {}).items():
+            out.setdefault(name, []).extend(entries)
+    return out
+
+
+def array_digests(path: PathLike) -> dict[str, str]:
+    """{array name: one sha256 over its shard files' recorded sha256, in range order}; arrays with a
+    file published without a checksum are left out."""
+    return {name: combined_digest((e["key"], e["sha256"]) for e in entries)
+            for name, entries in published_files(path).items() if all("sha256" in e for e in entries)}
 
 
 def _fsync_file(path: Path) -> None:
@@ -551,13 +580,17 @@ class StoreReader:
         self.samples_per_shard: int = int(layout["samples_per_shard"])
         self.specs: dict[str, ArraySpec] = {a["name"]: ArraySpec.from_json(a) for a in layout["arrays"]}
         if not allow_incomplete:
-            s = self.samples_per_shard
-            ranges = [(a, min(a + s, self.num_samples)) for a in range(0, self.num_samples, s)]
-            problem = _verify(self.path, list(self.specs.values()), ranges)
+            problem = self.verify()
             if problem:
                 raise ValueError(f"feature store {self.path} is incomplete: {problem}; rerun the stage that writes it")
         self._open: dict[str, tuple[zarr.Array, _ShardReader | None]] = {}
         self._pid = os.getpid()
+
+    def verify(self, deep: bool = False) -> str | None:
+        """None when every range is published with its shard files at their recorded sizes (and, when
+        `deep`, their recorded sha256, reading every byte); else a message naming what is wrong."""
+        ranges = _shard_ranges(self.num_samples, self.samples_per_shard)
+        return _verify(self.path, list(self.specs.values()), ranges, deep)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
