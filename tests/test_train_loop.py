@@ -430,6 +430,51 @@ def test_two_ray_workers_equal_one(tmp_path):
     assert list((tmp_path / "ray" / "equal").glob("checkpoint_*/step-000000003.pt"))
 
 
+def crash_once_fn(config: dict) -> dict:
+    """Train `steps`, checkpointing every 2 steps. The first time through, every rank fails right
+    after reporting step `crash_at` to Ray, and rank 0 first deletes the run directory's own
+    checkpoints (the disk of a lost node), so only Ray's copy of the checkpoint can resume the run.
+    Every rank appends the steps it reports to `{run_dir}/../reports-{rank}`."""
+    ctx = current_context()
+    root = Path(config["run_dir"]).parent
+
+    def report(metrics: dict, path: str | None) -> None:
+        ctx.report_fn(metrics, path)
+        step = int(metrics["step"])
+        with open(root / f"reports-{ctx.rank}", "a") as f:
+            f.write(f"{step}\n")
+        crashed = root / f"crashed-{ctx.rank}"
+        if step == config["crash_at"] and not crashed.exists():
+            crashed.touch()
+            if ctx.rank == 0:
+                shutil.rmtree(Path(config["run_dir"]) / "checkpoints")
+            raise RuntimeError(f"rank {ctx.rank} fails on purpose after step {step}")
+
+    return training_loop(**loop_args(config["run_dir"], steps=config["steps"], checkpoint_every=2, report_fn=report))
+
+
+@pytest.mark.slow
+def test_ray_restarts_a_failed_worker_group_from_its_reported_checkpoint(tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is not installed")
+    try:
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": f"{TESTS}:{TESTS.parent}", "RAY_USAGE_STATS_ENABLED": "0"}})
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"a local Ray instance cannot start here: {type(e).__name__}: {e}")
+    try:
+        launch("local", train_fn, {"run_dir": str(tmp_path / "one" / "run"), "steps": 6}, num_workers=1, use_gpu=False)
+        metrics = launch("ray", crash_once_fn, {"run_dir": str(tmp_path / "two" / "run"), "steps": 6, "crash_at": 4},
+                         num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"), name="restart",
+                         max_failures=1)
+    finally:
+        ray.shutdown()
+    assert metrics["step"] == 6
+    for rank in range(2):  # steps 2 and 4, the failure, then only step 6: resumed at 4, not restarted at 0
+        assert (tmp_path / "two" / f"reports-{rank}").read_text().split() == ["2", "4", "6"]
+        assert (tmp_path / "two" / f"crashed-{rank}").exists()
+    assert_same_weights(tmp_path / "one" / "run", tmp_path / "two" / "run")
+
+
 # ----------------------------------------------------------------------------------------------
 #                          Every objective with a real backbone learns
 # ----------------------------------------------------------------------------------------------
