@@ -411,8 +411,9 @@ def test_local_launcher_raises_the_error_of_a_failed_rank():
     assert current_context() == WorkerContext()
 
 
-@pytest.mark.slow
-def test_two_ray_workers_equal_one(tmp_path):
+@pytest.fixture
+def local_ray():
+    """A local 3-CPU Ray instance whose workers import this test module; skips where Ray cannot start."""
     ray = pytest.importorskip("ray", reason="ray is not installed")
     try:
         ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
@@ -420,11 +421,16 @@ def test_two_ray_workers_equal_one(tmp_path):
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"a local Ray instance cannot start here: {type(e).__name__}: {e}")
     try:
-        launch("local", train_fn, {"run_dir": str(tmp_path / "one"), "steps": 3}, num_workers=1, use_gpu=False)
-        metrics = launch("ray", train_fn, {"run_dir": str(tmp_path / "two"), "steps": 3}, num_workers=2,
-                         use_gpu=False, storage_path=str(tmp_path / "ray"), name="equal")
+        yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_ray_workers_equal_one(tmp_path, local_ray):
+    launch("local", train_fn, {"run_dir": str(tmp_path / "one"), "steps": 3}, num_workers=1, use_gpu=False)
+    metrics = launch("ray", train_fn, {"run_dir": str(tmp_path / "two"), "steps": 3}, num_workers=2,
+                     use_gpu=False, storage_path=str(tmp_path / "ray"), name="equal")
     assert metrics["step"] == 3
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     assert list((tmp_path / "ray" / "equal").glob("checkpoint_*/step-000000003.pt"))
@@ -454,20 +460,11 @@ def crash_once_fn(config: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_ray_restarts_a_failed_worker_group_from_its_reported_checkpoint(tmp_path):
-    ray = pytest.importorskip("ray", reason="ray is not installed")
-    try:
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": f"{TESTS}:{TESTS.parent}", "RAY_USAGE_STATS_ENABLED": "0"}})
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"a local Ray instance cannot start here: {type(e).__name__}: {e}")
-    try:
-        launch("local", train_fn, {"run_dir": str(tmp_path / "one" / "run"), "steps": 6}, num_workers=1, use_gpu=False)
-        metrics = launch("ray", crash_once_fn, {"run_dir": str(tmp_path / "two" / "run"), "steps": 6, "crash_at": 4},
-                         num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"), name="restart",
-                         max_failures=1)
-    finally:
-        ray.shutdown()
+def test_ray_restarts_a_failed_worker_group_from_its_reported_checkpoint(tmp_path, local_ray):
+    launch("local", train_fn, {"run_dir": str(tmp_path / "one" / "run"), "steps": 6}, num_workers=1, use_gpu=False)
+    metrics = launch("ray", crash_once_fn, {"run_dir": str(tmp_path / "two" / "run"), "steps": 6, "crash_at": 4},
+                     num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"), name="restart",
+                     max_failures=1)
     assert metrics["step"] == 6
     for rank in range(2):  # steps 2 and 4, the failure, then only step 6: resumed at 4, not restarted at 0
         assert (tmp_path / "two" / f"reports-{rank}").read_text().split() == ["2", "4", "6"]
