@@ -7,6 +7,7 @@ leaves the group. Example: `torchrun --nproc-per-node 8 -m jobs.cli train --conf
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from collections.abc import Callable
@@ -55,3 +56,4 @@ def launch(
         set_context(None)
         if owns_group:
             dist.destroy_process_group()
+            gc.collect()  # what still holds the group dies now, not during interpreter finalisation
