@@ -2,15 +2,16 @@
 
 num_workers = 1: `train_fn(config)` runs in the calling process as rank 0 of 1, without a process
 group. num_workers > 1: torch.multiprocessing spawns one process per rank; each joins a gloo (CPU)
-or NCCL (GPU) process group rendezvousing on a free localhost port, runs `train_fn(config)` and
-leaves the group. If any rank fails, the others are stopped and the error is raised here.
+or NCCL (GPU) process group, runs `train_fn(config)` and leaves the group. The rendezvous store is
+a TCPStore this process serves on a port the OS picks while it binds it, so no other program can take
+the port between choosing and binding it. If any rank fails, the others are stopped and the error is
+raised here.
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,13 +21,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.launch import WorkerContext, set_context, worker_device
-
-
-def free_port() -> int:
-    """A TCP port on localhost that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(
@@ -49,7 +43,8 @@ def _worker(
         torch.cuda.set_device(device)
     else:  # share this machine's cores between the ranks instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     set_context(WorkerContext(rank=rank, world_size=world_size, local_rank=rank, device=device, launcher="local"))
     try:
         result = train_fn(config)
@@ -91,9 +86,10 @@ def launch(
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
+    store = dist.TCPStore("127.0.0.1", port or 0, num_workers, is_master=True, wait_for_workers=False)
     mp.start_processes(
         _worker,
-        args=(train_fn, config, num_workers, use_gpu, backend, port or free_port(), results),
+        args=(train_fn, config, num_workers, use_gpu, backend, store.port, results),
         nprocs=num_workers,
         join=True,
         start_method="spawn",
