@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from tqdm import tqdm
+
 from jobs.stage import StageSpec, StageState, canonical_json, evaluate_state, lookup
 from pipeline.stores.checksum import sha256_file
 from pipeline.stores.zarr_store import StoreReader, array_digests
@@ -86,6 +88,7 @@ def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | No
     """Files and shards exist with the recorded sizes; store arrays exist, every range is published and
     the markers' checksums are those the manifest recorded. `deep`: also rehash every file."""
     store, digests = directory / "store.zarr", None
+    to_hash: list[tuple[Path, str]] = []
     for entry in manifest.outputs:
         if entry.kind in ("shard", "file"):
             path = directory / entry.name
@@ -93,14 +96,21 @@ def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | No
                 return f"{path} is missing"
             if entry.bytes and path.stat().st_size != entry.bytes:
                 return f"{path} has {path.stat().st_size} bytes, manifest says {entry.bytes}"
-            if deep and entry.sha256 and sha256_file(path) != entry.sha256:
-                return f"{path} does not have the sha256 the manifest records (its bytes changed)"
+            if entry.sha256:
+                to_hash.append((path, entry.sha256))
         elif entry.kind == "array":
             if not (store / entry.name).exists():
                 return f"array {entry.name} is missing from {store}"
             digests = array_digests(store) if digests is None else digests  # one pass over the markers
             if entry.sha256 and digests.get(entry.name) != entry.sha256:
                 return f"array {entry.name} of {store} is not the one the manifest records (its shard checksums differ)"
+    if deep and to_hash:
+        with tqdm(total=sum(p.stat().st_size for p, _ in to_hash), unit="B", unit_scale=True,
+                  desc=f"sha256 {directory.name}", dynamic_ncols=True, leave=False, disable=None) as bar:
+            for path, sha in to_hash:
+                if sha256_file(path) != sha:
+                    return f"{path} does not have the sha256 the manifest records (its bytes changed)"
+                bar.update(path.stat().st_size)
     if deep and any(e.kind == "array" for e in manifest.outputs):
         try:
             return StoreReader(store, allow_incomplete=True).verify(deep=True)

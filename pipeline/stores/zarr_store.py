@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import zarr
 import zarr.codecs
+from tqdm import tqdm
 
 from pipeline.stores.atomic import PathLike, atomic_write_json, fsync_dir
 from pipeline.stores.checksum import combined_digest, sha256_file
@@ -420,6 +421,7 @@ def _verify(path: Path, specs: Sequence[ArraySpec], ranges: list[tuple[int, int]
         shown = ", ".join(f"[{a}, {b})" for a, b in missing[:5])
         more = ", ..." if len(missing) > 5 else ""
         return f"{len(missing)} of {len(ranges)} ranges not written ({shown}{more})"
+    to_hash: list[tuple[Path, dict[str, Any]]] = []
     for start, stop in ranges:
         marker = json.loads((path / RANGES_DIR / f"{start}-{stop}").read_text())
         for spec in specs:
@@ -431,9 +433,16 @@ def _verify(path: Path, specs: Sequence[ArraySpec], ranges: list[tuple[int, int]
                 if not f.is_file() or f.stat().st_size != entry["bytes"]:
                     return f"shard file {f} is missing or does not have the {entry['bytes']} bytes its marker records"
                 if deep and "sha256" not in entry:
-                    return f"shard file {f} was published without a checksum; rebuild the store to get one"
-                if deep and sha256_file(f) != entry["sha256"]:
-                    return f"shard file {f} does not have the sha256 its marker records (its bytes changed)"
+                    return f"shard file {f} was published without a checksum; rerun its stage with --force to add checksums"
+                to_hash.append((f, entry))
+    if not deep:
+        return None
+    with tqdm(total=sum(e["bytes"] for _, e in to_hash), unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+              dynamic_ncols=True, leave=False, disable=None) as bar:  # disable=None: only on a terminal
+        for f, entry in to_hash:
+            if sha256_file(f) != entry["sha256"]:
+                return f"shard file {f} does not have the sha256 its marker records (its bytes changed)"
+            bar.update(entry["bytes"])
     return None
 
 
