@@ -21,7 +21,7 @@ from jobs.run import begin, device_or_exit, say
 from jobs.stage import UsageError
 from pipeline.launch.ranges import StoreJob, run_store_job
 from pipeline.stores.shards import ShardIndex
-from pipeline.stores.zarr_store import ArraySpec, StoreReader, array_digests, published_files
+from pipeline.stores.zarr_store import ArraySpec, StoreReader
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry
 
@@ -111,7 +111,8 @@ def store_outputs(reader: StoreReader, index: ShardIndex) -> list[OutputEntry]:
     keys = np.asarray(reader.array("keys")[:])
     if list(map(str, keys)) != index.keys:
         raise RuntimeError(f"store keys of {reader.path} do not match the ingest shards' keys")
-    files, digests = published_files(reader.path), array_digests(reader.path)
+    reader.add_missing_checksums()  # a store resumed from ranges published before checksums existed
+    files, digests = reader.published_files(), reader.array_digests()
     return [OutputEntry(name=s.name, kind="array", shape=[len(reader), *s.shape], dtype=s.dtype, count=len(reader),
                         bytes=sum(f["bytes"] for f in files[s.name]), sha256=digests[s.name])
             for s in reader.specs.values()]

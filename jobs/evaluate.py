@@ -44,15 +44,18 @@ MAX_PR_REFERENCE = 10_000  # reference images used for precision/recall (ADM's r
 
 
 def inception_features(net, images, batch_size: int, device: torch.device, desc: str, *,
-                       keep_pool: int | None = None, logits: bool = True) -> dict:
+                       keep_pool: int | None = None, logits: bool = True, stats: bool = True) -> dict:
     """uint8 [N,H,W,3] -> Inception statistics and the features later steps need, streamed.
 
-    Returns {"mu" [2048], "sigma" [2048,2048] (pool), "mu_s", "sigma_s" (spatial), "pool": the
-    first `keep_pool` rows of [N,2048] (all when None), "logits": [N,K] when `logits` and the network
-    has them, else None}. `images` is an array or anything with len() and slicing that returns uint8
-    [n,H,W,3] (e.g. `ShardImages`); only one batch of images and the running moments are in memory,
-    so a full-ImageNet reference costs O(D^2), not O(N D).
+    Returns {"pool": the first `keep_pool` rows of the pool features [N,2048] (all when None),
+    "logits": [N,K] when `logits` and the network has them, else None} and, when `stats`,
+    "mu" [2048], "sigma" [2048,2048] (pool) and "mu_s", "sigma_s" (spatial). `images` is an array or
+    anything with len() and slicing that returns uint8 [n,H,W,3] (e.g. `ShardImages`); only one batch
+    of images and the running moments are in memory, so a full-ImageNet reference costs O(D^2), not
+    O(N D).
     """
+    if stats and len(images) < 2:
+        raise UsageError(f"{desc}: {len(images)} image(s); FID statistics need at least 2 (use thousands)")
     running: dict[str, RunningStatistics] = {}
     pool: list[np.ndarray] = []
     kept_logits: list[np.ndarray] = []
@@ -62,19 +65,20 @@ def inception_features(net, images, batch_size: int, device: torch.device, desc:
         with torch.inference_mode():
             out = net.features(x)
         batch = {name: out[name].float().cpu().numpy() for name in ("pool", "spatial")}
-        for name, rows in batch.items():
-            running.setdefault(name, RunningStatistics(rows.shape[1])).update(rows)
+        if stats:
+            for name, rows in batch.items():
+                running.setdefault(name, RunningStatistics(rows.shape[1])).update(rows)
         take = len(batch["pool"]) if keep_pool is None else max(0, min(len(batch["pool"]), keep_pool - kept))
-        if take:
-            pool.append(batch["pool"][:take])
-            kept += take
+        pool.append(batch["pool"][:take])
+        kept += take
         if logits and out.get("logits") is not None:
             kept_logits.append(out["logits"].float().cpu().numpy())
-    if not running:
-        raise UsageError(f"{desc}: no images to evaluate")
-    (mu, sigma), (mu_s, sigma_s) = running["pool"].result(), running["spatial"].result()
-    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "pool": np.concatenate(pool),
-            "logits": np.concatenate(kept_logits) if kept_logits else None}
+    feats = {"pool": np.concatenate(pool) if pool else np.zeros((0, 2048), np.float32),
+             "logits": np.concatenate(kept_logits) if kept_logits else None}
+    if stats:
+        (feats["mu"], feats["sigma"]), (feats["mu_s"], feats["sigma_s"]) = (
+            running["pool"].result(), running["spatial"].result())
+    return feats
 
 
 class ShardImages:
@@ -122,7 +126,7 @@ def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict,
         pool = None
         if ref.images is not None:
             pool = inception_features(net, ref.images[:MAX_PR_REFERENCE], e.batch_size, device, "reference",
-                                      logits=False)["pool"]
+                                      logits=False, stats=False)["pool"]
         stats = {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s}
         return stats, pool, str(path)
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from jobs.stage import StageSpec, StageState, canonical_json, evaluate_state, lookup
 from pipeline.stores.checksum import sha256_file
-from pipeline.stores.zarr_store import StoreReader, array_digests
+from pipeline.stores.zarr_store import StoreReader
 from schemas.config import AlignConfig, ExperimentConfig, TrainConfig
 from schemas.manifest import Manifest
 
@@ -85,8 +85,10 @@ def run_name(cfg: ExperimentConfig) -> str:
 
 
 def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | None:
-    """Files and shards exist with the recorded sizes; store arrays exist, every range is published and
-    the markers' checksums are those the manifest recorded. `deep`: also rehash every file."""
+    """Files and shards exist with the recorded sizes; store arrays exist and their range markers'
+    checksums are those the manifest recorded (a store swapped under its manifest). Missing shard
+    files of a store are found when it is opened for reading. `deep`: rehash every file and every
+    store shard file; an output recorded without a checksum fails a deep check."""
     store, digests = directory / "store.zarr", None
     to_hash: list[tuple[Path, str]] = []
     for entry in manifest.outputs:
@@ -96,14 +98,19 @@ def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | No
                 return f"{path} is missing"
             if entry.bytes and path.stat().st_size != entry.bytes:
                 return f"{path} has {path.stat().st_size} bytes, manifest says {entry.bytes}"
-            if entry.sha256:
-                to_hash.append((path, entry.sha256))
+            if deep and not entry.sha256:
+                return f"{path} was recorded without a checksum; rerun its stage with --force to add one"
+            to_hash.append((path, entry.sha256))
         elif entry.kind == "array":
             if not (store / entry.name).exists():
                 return f"array {entry.name} is missing from {store}"
-            digests = array_digests(store) if digests is None else digests  # one pass over the markers
-            if entry.sha256 and digests.get(entry.name) != entry.sha256:
-                return f"array {entry.name} of {store} is not the one the manifest records (its shard checksums differ)"
+            if entry.sha256:
+                try:
+                    digests = StoreReader(store, allow_incomplete=True).array_digests() if digests is None else digests
+                except (OSError, ValueError) as exc:
+                    return str(exc)
+                if digests.get(entry.name) != entry.sha256:
+                    return f"array {entry.name} of {store} is not the one the manifest records (its shard checksums differ)"
     if deep and to_hash:
         with tqdm(total=sum(p.stat().st_size for p, _ in to_hash), unit="B", unit_scale=True,
                   desc=f"sha256 {directory.name}", dynamic_ncols=True, leave=False, disable=None) as bar:

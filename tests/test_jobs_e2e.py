@@ -6,6 +6,7 @@ Everything is CPU and offline: synthetic 32px images, the identity VAE, a random
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from jobs.layout import states
-from pipeline.stores.zarr_store import StoreReader, array_digests
+from pipeline.stores.zarr_store import StoreReader
 from schemas.loading import load_config
 from tests.conftest import repa
 
@@ -122,7 +123,7 @@ def test_manifests_carry_checksums_that_status_deep_rereads(tmp_path):
     tokens = next(o for o in teacher.outputs if o.kind == "array" and o.name == "tokens")
     shard_files = sorted(f for f in (store / "tokens" / "c").rglob("*") if f.is_file())
     assert tokens.bytes == sum(f.stat().st_size for f in shard_files) and len(shard_files) == 4
-    assert tokens.sha256 == array_digests(store)["tokens"]
+    assert tokens.sha256 == StoreReader(store).array_digests()["tokens"]
     by = {r["stage"]: r for r in json.loads(ok_out(repa("status", "-c", str(config), "--json", "--deep")))}
     assert [by[s]["state"] for s in ("ingest", "latents", "teacher")] == ["up-to-date"] * 3
 
@@ -140,6 +141,10 @@ def test_manifests_carry_checksums_that_status_deep_rereads(tmp_path):
     assert by["ingest"]["state"] == "stale" and "sha256" in by["ingest"]["reason"]
     # the stores were computed from the ingest's intact bytes (same fingerprint): they stay valid
     assert by["latents"]["state"] == "up-to-date"
+
+    (store / ".ranges" / "16-32").write_text("{not json")  # a damaged marker: named, no traceback
+    by = {r["stage"]: r for r in json.loads(ok_out(repa("status", "-c", str(config), "--json")))}
+    assert by["teacher"]["state"] == "stale" and "16-32 is unreadable" in by["teacher"]["reason"]
 
 
 def ok_out(proc) -> str:
@@ -281,6 +286,19 @@ def test_train_sample_evaluate_report_then_extend_the_run(tmp_path):
     assert metrics["num_samples"] == 16 and metrics["fid"] > 0 and np.isfinite(metrics["sfid"])
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert "FID" in report
+
+    # every file a stage wrote carries its sha256 in the manifest; --deep rereads them
+    for stage in ("train", "sample", "evaluate"):
+        for entry in st[stage].manifest.outputs:
+            assert entry.sha256 == hashlib.sha256((st[stage].path / entry.name).read_bytes()).hexdigest()
+    assert all(s.state == "up-to-date" for s in states(cfg, deep=True).values())
+    grid = st["sample"].path / "grid.png"
+    original = grid.read_bytes()
+    flip_a_byte(grid)
+    assert states(cfg)["sample"].state == "up-to-date"
+    deep = states(cfg, deep=True)["sample"]
+    assert deep.state == "stale" and "grid.png does not have the sha256" in deep.reason
+    grid.write_bytes(original)
 
     # the same batches drawn by two Ray tasks give the same file; evaluate stays up to date
     ok(repa("sample", "-c", str(config), "--force", "--set", "sample.launcher=ray", "--set", "sample.num_workers=2"))

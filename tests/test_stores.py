@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.stores.zarr_store import ArraySpec, StoreReader, StoreWriter, array_digests, published_files
+from pipeline.stores.zarr_store import ArraySpec, StoreReader, StoreWriter
 
 # zarr flags fixed-width strings as not yet in the v3 spec whenever a test reads keys through zarr
 pytestmark = pytest.mark.filterwarnings("ignore:The data type .* does not have a Zarr V3 specification")
@@ -264,17 +264,23 @@ def test_markers_record_shard_checksums_and_deep_verify_rereads_them(tmp_path):
     path = tmp_path / "s.zarr"
     writer = write_all(path, data)
     writer.finish()
-    files = published_files(path)
+    reader = StoreReader(path)
+    files = reader.published_files()
     assert sorted(files) == sorted(s.name for s in SPECS)
     for name, entries in files.items():
         assert len(entries) == 5  # one shard file per range
         for e in entries:  # the recorded digest is the file's, computed independently here
             assert e["sha256"] == hashlib.sha256((path / name / e["key"]).read_bytes()).hexdigest()
-    digests = array_digests(path)
+    digests = reader.array_digests()
     expected = hashlib.sha256("".join(f"{e['key']} {e['sha256']}\n" for e in files["tokens"]).encode()).hexdigest()
     assert digests["tokens"] == expected
-    assert array_digests(write_all(tmp_path / "again.zarr", data).path) == digests  # same data, same digests
-    assert writer.verify(deep=True) is None and StoreReader(path).verify(deep=True) is None
+    assert StoreReader(write_all(tmp_path / "again.zarr", data).path).array_digests() == digests  # same data
+    assert writer.verify(deep=True) is None and reader.verify(deep=True) is None
+
+    # a stray marker of a range this layout does not have is ignored, as verify ignores it
+    (path / ".ranges" / "40-48").write_text(json.dumps({"start": 40, "stop": 48, "files": {"tokens": [
+        {"key": "c/5/0/0", "bytes": 1, "sha256": "0" * 64}]}}))
+    assert reader.array_digests() == digests
 
     # one flipped byte keeps the size: only the deep check sees it
     victim = path / "moments" / files["moments"][2]["key"]
@@ -285,15 +291,28 @@ def test_markers_record_shard_checksums_and_deep_verify_rereads_them(tmp_path):
     problem = writer.verify(deep=True)
     assert problem and str(victim) in problem and "sha256" in problem
 
-    # a store published before checksums existed cannot be checked deeply, and says so
-    marker = path / ".ranges" / "0-8"
-    old = json.loads(marker.read_text())
-    for entries in old["files"].values():
-        for e in entries:
-            e.pop("sha256")
-    marker.write_text(json.dumps(old))
-    assert "without a checksum" in writer.verify(deep=True)
-    assert "tokens" not in array_digests(path)
+
+def test_markers_without_checksums_are_backfilled_and_bad_markers_named(tmp_path):
+    data = make_data()
+    path = tmp_path / "s.zarr"
+    write_all(path, data).finish()
+    reader = StoreReader(path)
+    digests = reader.array_digests()
+    for marker in (path / ".ranges").iterdir():  # as written before checksums existed
+        old = json.loads(marker.read_text())
+        for entries in old["files"].values():
+            for e in entries:
+                e.pop("sha256")
+        marker.write_text(json.dumps(old))
+    assert reader.array_digests() == {}
+    assert "without a checksum" in reader.verify(deep=True)
+    assert reader.add_missing_checksums() == 5 * len(SPECS)
+    assert reader.array_digests() == digests and reader.verify(deep=True) is None
+    assert reader.add_missing_checksums() == 0
+
+    (path / ".ranges" / "8-16").write_text("{not json")
+    with pytest.raises(ValueError, match=r"range marker .*8-16 is unreadable"):
+        reader.array_digests()
 
 
 # ----------------------------------------------------------------------------------------------

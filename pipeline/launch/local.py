@@ -56,7 +56,7 @@ def _worker(
         gc.collect()  # what still holds the group (a DDP reducer in a reference cycle) dies now, not at exit
     # Gloo's C++ threads abort the process (SIGABRT, "terminate called without an active exception")
     # when objects they hold die during interpreter finalisation. This rank's work, result and group
-    # are done, so it leaves without finalising.
+    # are done, so it leaves without finalising (atexit handlers of the worker do not run either).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -86,7 +86,7 @@ def launch(
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    store = dist.TCPStore("127.0.0.1", port or 0, num_workers, is_master=True, wait_for_workers=False)
+    store = dist.TCPStore("127.0.0.1", port or 0, None, is_master=True, wait_for_workers=False)
     mp.start_processes(
         _worker,
         args=(train_fn, config, num_workers, use_gpu, backend, store.port, results),

@@ -42,7 +42,7 @@ class RunningStatistics:
         n = n_a + n_b,  delta = mean_b - mean_a,
         mean = mean_a + delta * n_b / n,  M = M_a + M_b + delta delta^T * n_a n_b / n,
 
-    so no sum of raw squares is formed (exact for features far from zero) and memory is O(D^2),
+    so no sum of raw squares is formed (stable for features far from zero) and memory is O(D^2),
     whatever the number of rows: a 1.28M-image reference never has to be held in memory.
     """
 

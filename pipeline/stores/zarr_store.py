@@ -446,25 +446,6 @@ def _verify(path: Path, specs: Sequence[ArraySpec], ranges: list[tuple[int, int]
     return None
 
 
-def published_files(path: PathLike) -> dict[str, list[dict[str, Any]]]:
-    """{array name: its shard files in range order, each {"key", "bytes"[, "sha256"]}}, read from the
-    range markers of the store at `path` (no data is read)."""
-    path = Path(path)
-    out: dict[str, list[dict[str, Any]]] = {}
-    for start, stop in _markers(path):
-        marker = json.loads((path / RANGES_DIR / f"{start}-{stop}").read_text())
-        for name, entries in marker.get("files", {}).items():
-            out.setdefault(name, []).extend(entries)
-    return out
-
-
-def array_digests(path: PathLike) -> dict[str, str]:
-    """{array name: one sha256 over its shard files' recorded sha256, in range order}; arrays with a
-    file published without a checksum are left out."""
-    return {name: combined_digest((e["key"], e["sha256"]) for e in entries)
-            for name, entries in published_files(path).items() if all("sha256" in e for e in entries)}
-
-
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -600,6 +581,47 @@ class StoreReader:
         `deep`, their recorded sha256, reading every byte); else a message naming what is wrong."""
         ranges = _shard_ranges(self.num_samples, self.samples_per_shard)
         return _verify(self.path, list(self.specs.values()), ranges, deep)
+
+    # -- checksums ---------------------------------------------------------------------------
+
+    def _published_markers(self) -> list[Path]:
+        """The marker files of this store's ranges that exist, in range order (stray markers of
+        ranges the layout does not have are ignored, as `verify` ignores them)."""
+        found = [self.path / RANGES_DIR / f"{a}-{b}" for a, b in _shard_ranges(self.num_samples, self.samples_per_shard)]
+        return [m for m in found if m.is_file()]
+
+    def published_files(self) -> dict[str, list[dict[str, Any]]]:
+        """{array name: its shard files in range order, each {"key", "bytes"[, "sha256"]}}, read from
+        the range markers (no data is read). ValueError names an unreadable marker."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for marker in self._published_markers():
+            try:
+                files = json.loads(marker.read_text())["files"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"range marker {marker} is unreadable ({type(err).__name__}: {err})") from None
+            for name, entries in files.items():
+                out.setdefault(name, []).extend(entries)
+        return out
+
+    def array_digests(self) -> dict[str, str]:
+        """{array name: one sha256 over its shard files' recorded sha256, in range order}; arrays with
+        a file published without a checksum are left out."""
+        return {name: combined_digest((e["key"], e["sha256"]) for e in entries)
+                for name, entries in self.published_files().items() if all("sha256" in e for e in entries)}
+
+    def add_missing_checksums(self) -> int:
+        """Hash the shard files whose markers predate checksums and rewrite those markers (atomically).
+        Returns the number of files hashed. Trusts the bytes on disk: call it on a store that verifies."""
+        hashed = 0
+        for marker in self._published_markers():
+            data = json.loads(marker.read_text())
+            missing = [(name, e) for name, entries in data["files"].items() for e in entries if "sha256" not in e]
+            for name, entry in missing:
+                entry["sha256"] = sha256_file(self.path / name / entry["key"])
+            if missing:
+                atomic_write_json(marker, data)
+                hashed += len(missing)
+        return hashed
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
