@@ -31,6 +31,7 @@ from pipeline.metrics.inception import load_inception
 from pipeline.metrics.reference import load_reference
 from pipeline.metrics.scores import inception_score, precision_recall
 from pipeline.stores.atomic import atomic_write_json, atomic_write_npz
+from pipeline.stores.npz import open_npz_array
 from pipeline.stores.shards import ShardIndex
 from schemas.config import ExperimentConfig
 from schemas.manifest import Manifest, OutputEntry, read_manifest
@@ -166,8 +167,10 @@ def evaluate(cfg: ExperimentConfig, force: bool = False) -> None:
     except FileNotFoundError as exc:
         raise UsageError(f"eval.inception: {exc}") from None
     samples_path = run.upstream["sample"].path / "samples.npz"
-    with np.load(samples_path) as z:
-        images = z["arr_0"]
+    try:
+        images = open_npz_array(samples_path, "arr_0")  # memory-mapped: read batch by batch
+    except (KeyError, ValueError, OSError) as exc:
+        raise UsageError(f"{samples_path}: {exc}") from None
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise UsageError(f"{samples_path}: arr_0 must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
 

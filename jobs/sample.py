@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from pipeline.models import build_model
 from pipeline.sampling import class_balanced_labels
 from pipeline.sampling import sample as run_sampler
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_npz
+from pipeline.stores.npz import open_npz_array, write_npz_streamed
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry
 
@@ -62,6 +64,13 @@ def load_run_model(run_dir: Path, train_extra: dict, weights: str, device: torch
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3] (ADM's rounding: clamp((x+1)*127.5))."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _part_images(files: list[Path]) -> Iterator[np.ndarray]:
+    """The images of each drawn batch file, in order, one file open at a time."""
+    for f in files:
+        with np.load(f) as z:
+            yield z["images"]
 
 
 def image_grid(images: np.ndarray, columns: int = 16) -> bytes:
@@ -179,8 +188,14 @@ def sample(cfg: ExperimentConfig, force: bool = False) -> None:
     finally:
         bar.close()
 
-    images = np.concatenate([np.load(parts / f"batch-{i:06d}.npz")["images"] for i in range(len(batches))])
-    atomic_write_npz(run.path / "samples.npz", arr_0=images, arr_1=labels.astype(np.int64))
+    part_files = [parts / f"batch-{i:06d}.npz" for i in range(len(batches))]
+    with np.load(part_files[0]) as z:
+        image_shape = z["images"].shape[1:]
+    write_npz_streamed(run.path / "samples.npz", {  # one batch in memory at a time, not all 50K images
+        "arr_0": ((s.num, *image_shape), np.uint8, _part_images(part_files)),
+        "arr_1": ((s.num,), np.int64, [labels.astype(np.int64)]),
+    })
+    images = open_npz_array(run.path / "samples.npz", "arr_0")
     atomic_write_bytes(run.path / "grid.png", image_grid(images))
     shutil.rmtree(parts)
     for old in run.path.glob(".parts-*"):

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.stores.atomic import atomic_write_npz
+from pipeline.stores.npz import open_npz_array
 
 ADM_REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -116,7 +117,7 @@ def load_reference(path: str | os.PathLike, *, images: bool = True) -> Reference
         if present:
             _check_pair("mu/sigma", stats[0], stats[1])
             _check_pair("mu_s/sigma_s", stats[2], stats[3])
-        pixels = npz[IMAGES_KEY] if images and IMAGES_KEY in keys else None
+    pixels = open_npz_array(file, IMAGES_KEY) if images and IMAGES_KEY in keys else None  # mapped, not read
     if pixels is not None:
         _check_images(pixels, str(file))
     return Reference(*stats, images=pixels)
