@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from jobs.layout import states
 from pipeline.stores.zarr_store import StoreReader
@@ -314,6 +315,24 @@ def test_train_sample_evaluate_report_then_extend_the_run(tmp_path):
     st = states(cfg_of(config, "train.steps=9"))
     assert st["train"].state == "up-to-date" and st["train"].manifest.stats["step"] == 9
     assert st["sample"].state == "stale" and "input train changed" in st["sample"].reason
+
+
+def test_two_local_worker_processes_train_what_one_process_trains(tmp_path):
+    from pipeline.train import checkpoint as ckpt
+
+    config = tiny_config(tmp_path)
+    ok(repa("features", "-c", str(config)))
+    ok(repa("train", "-c", str(config), "--set", "train.name=one"))
+    ok(repa("train", "-c", str(config), "--set", "train.name=two", "--set", "train.num_workers=2"))
+    runs = tmp_path / "work" / "runs"
+    for name in ("one", "two"):
+        assert json.loads((runs / name / "manifest.json").read_text())["stats"]["step"] == 6
+    one, two = (ckpt.load(ckpt.latest(runs / name))["model"] for name in ("one", "two"))
+    at_step_3 = ckpt.load(ckpt.checkpoint_path(runs / "one", 3))["model"]
+    assert any(not torch.equal(one[k], at_step_3[k]) for k in one)  # training moves the weights
+    assert one.keys() == two.keys()
+    for key in one:  # the same global batch, split over two gloo ranks
+        torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=1e-5)
 
 
 def test_haste_reads_no_teacher_features_after_tau(tmp_path, monkeypatch):
