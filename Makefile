@@ -2,6 +2,7 @@
 #   make demo                       features + train (U-REPA) + eval on the embedded dataset, CPU
 #   make test                       the test suite
 #   make features | train | eval    the stages for CONFIG; e.g. make train ALIGN=urepa MODEL=SiTDown-B/2
+#   make gpu-check                  every CUDA path on small data (<= 5 min); exits 0 without a GPU
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ ARGS := --config $(CONFIG) $(OVERRIDES)
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup features ingest encode teacher train sample eval evaluate status report demo test test-fast \
-        bench lint clean
+        bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -53,6 +54,11 @@ test-fast: setup
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b" >&2; $(PY) $$b; done
+
+# One line per CUDA path (stages in bf16/fp32, torch.compile, ODE/SDE sampling, evaluate, model bench).
+# Without a CUDA device it says so and exits 0; GPU_CHECK="--device cpu" dry-runs it on the CPU.
+gpu-check: setup
+	$(PY) bench/gpu_check.py $(GPU_CHECK)
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline jobs schemas tests bench

@@ -2,7 +2,9 @@
 
 Default: the tiny demo models at 32px on CPU; on a GPU pass e.g. `--models SiT-XL/2 SiTDown-XL/2
 --input-size 32 --channels 4 --batch 64 --precision bf16` for the ImageNet-256 latent geometry.
-Prints one JSON object per model.
+Prints one JSON object per model, with the model FLOPs of one step (forward + backward of backbone
+and objective, counted by torch.utils.flop_counter on one step) and, on a GPU whose dense bf16 peak
+is known (PEAK_TFLOPS, or --peak-tflops), the model FLOP utilisation mfu = FLOPs/s / peak.
 """
 
 from __future__ import annotations
@@ -12,11 +14,26 @@ import json
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.align.registry import build_objective
 from pipeline.models import build_model
 from pipeline.teachers.targets import TeacherTargets
 from schemas.config import AlignConfig
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name.
+PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
+               "A10G": 70.0, "RTX 4090": 165.2, "V100": 125.0}
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s (override wins); None on CPU or for an unknown GPU."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def main() -> None:
@@ -31,6 +48,7 @@ def main() -> None:
     ap.add_argument("--teacher-dim", type=int, default=384)
     ap.add_argument("--projector-dim", type=int, default=2048)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for mfu (default: table)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for name in args.models:
@@ -60,6 +78,10 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
 
     for _ in range(2):
         step()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -69,10 +91,15 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    peak = peak_tflops(device, args.peak_tflops)
+    achieved = flops * args.steps / dt
     return {
         "bench": "models", "model": name, "align": align, "device": str(device), "precision": args.precision,
         "batch": b, "input": [c, s, s], "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "steps_per_s": round(args.steps / dt, 3), "images_per_s": round(args.steps * b / dt, 1),
+        "gflop_per_step": round(flops / 1e9, 1), "tflop_s": round(achieved / 1e12, 2),
+        "mfu": round(achieved / (peak * 1e12), 4) if peak else None, "peak_tflops": peak,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
     }
 

@@ -46,8 +46,9 @@ TEACHER_KEYS = (
 TRAIN_EXECUTION = {"name", "launcher", "num_workers", "use_gpu", "log_every", "sample_every",
                    "loader_workers", "max_failures"}
 MODEL_KEYS = ("model.name", "model.num_classes", "model.class_dropout", "model.use_rope", "model.use_swiglu")
-SAMPLE_KEYS = tuple(f"sample.{k}" for k in ("num", "sampler", "heun", "steps", "cfg_scale", "guidance_low",
-                                             "guidance_high", "seed", "weights"))
+SAMPLE_KEYS = tuple(f"sample.{k}" for k in ("num", "labels", "sampler", "heun", "heun_guidance", "steps",
+                                             "cfg_scale", "guidance_low", "guidance_high", "precision", "seed",
+                                             "weights", "batch_size"))  # batch i's noise and labels: (seed, i)
 EVAL_KEYS = ("eval.reference", "eval.reference_offset", "eval.reference_limit", "eval.inception",
              "eval.splits", "eval.k")
 
@@ -161,7 +162,7 @@ SPECS: dict[str, StageSpec] = {
     "teacher": StageSpec("teacher", 1, lambda c: TEACHER_KEYS, lambda c: ("ingest",),
                          lambda c: _workdir(c) / "teacher", _outputs_verify),
     "train": StageSpec("train", 1, train_keys, _train_inputs, _run_dir, _outputs_verify),
-    "sample": StageSpec("sample", 1, lambda c: SAMPLE_KEYS, lambda c: ("latents", "train"),
+    "sample": StageSpec("sample", 2, lambda c: SAMPLE_KEYS, lambda c: ("latents", "train"),
                         lambda c: _run_dir(c) / "samples", _outputs_verify),
     "evaluate": StageSpec("evaluate", 1, _eval_keys, _eval_inputs, lambda c: _run_dir(c) / "eval",
                           _outputs_verify),

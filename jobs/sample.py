@@ -1,15 +1,18 @@
-"""Stage `sample` (`repa sample`): draw class-balanced images from a trained run.
+"""Stage `sample` (`repa sample`): draw images from a trained run.
 
 Recipe:
   1. read the run's manifest (model name and constructor arguments) and the latents manifest (VAE,
      scaling factor); load the EMA (or raw) weights from the run's safetensors export;
-  2. for each batch: seeded noise, labels, the ODE or SDE sampler with classifier-free guidance
-     inside [guidance_low, guidance_high], VAE decode to uint8; each finished batch is saved to a
-     parts folder, so a killed 50K-sample run resumes at the first missing batch;
+  2. for each batch: seeded noise, labels (`sample.labels`: REPA's uniform-random draw or
+     class-balanced), the ODE or SDE sampler with classifier-free guidance inside
+     [guidance_low, guidance_high] in `sample.precision` (fp32 with TF32 matmuls by default, as
+     REPA's generate.py), VAE decode to uint8 (ADM's quantisation); each finished batch is saved
+     to a parts folder, so a killed 50K-sample run resumes at the first missing batch;
   3. gather `samples.npz` in ADM's layout (arr_0 uint8 [N,H,W,3], arr_1 labels [N]) and `grid.png`;
      manifest last.
 
-Noise and labels of batch i depend only on (sample.seed, i): a resumed run draws the same images.
+Noise and labels of batch i depend only on (sample.seed, i): a resumed run draws the same images,
+and the noise is drawn on the CPU whatever the device, so a GPU draws the images a CPU would.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from tqdm import tqdm
 from jobs.run import begin, device_or_exit, say
 from jobs.stage import UsageError
 from pipeline.models import build_model
-from pipeline.sampling import class_balanced_labels
 from pipeline.sampling import sample as run_sampler
+from pipeline.sampling import sample_labels
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_npz
 from pipeline.stores.npz import open_npz_array, write_npz_streamed
 from schemas.config import ExperimentConfig
@@ -62,8 +65,15 @@ def load_run_model(run_dir: Path, train_extra: dict, weights: str, device: torch
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3] (ADM's rounding: clamp((x+1)*127.5))."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """[B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3], ADM's quantisation (as REPA's generate.py):
+    clamp((x + 1) * 127.5, 0, 255) truncated towards zero by the uint8 cast, not rounded."""
+    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sampling_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the model while sampling: None (fp32; TF32 matmuls on CUDA) for
+    sample.precision = fp32 and on CPU, else bf16 / fp16 on CUDA."""
+    return AUTOCAST.get(precision) if device.type == "cuda" else None
 
 
 def _part_images(files: list[Path]) -> Iterator[np.ndarray]:
@@ -102,7 +112,7 @@ class DrawPlan:
     train_extra: dict  # the train manifest's extra: model name and constructor arguments
     parts: str  # folder of finished batches
     batches: tuple[tuple[int, int], ...]  # [lo, hi) of every batch
-    labels: tuple[int, ...]  # class-balanced labels of all samples
+    labels: tuple[int, ...]  # labels of all samples (sample.labels)
 
 
 def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
@@ -117,7 +127,10 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
     num_classes = int(plan.train_extra["model_kwargs"]["num_classes"])
     c, h, w = model.in_channels, model.input_size, model.input_size
     labels = np.asarray(plan.labels, dtype=np.int64)
-    dtype = AUTOCAST.get(cfg.train.precision) if device.type == "cuda" else None
+    dtype = sampling_autocast(s.precision, device)
+    if device.type == "cuda":  # REPA's generate.py: fp32 weights and activations, TF32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=dtype) if dtype else nullcontext():
@@ -132,7 +145,7 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
             z = run_sampler(velocity, noise, y, sampler=s.sampler, steps=s.steps, heun=s.heun,
                             path=cfg.train.path, cfg_scale=s.cfg_scale,
                             guidance_low=s.guidance_low, guidance_high=s.guidance_high,
-                            null_class=num_classes, generator=gen)
+                            null_class=num_classes, generator=gen, heun_guidance=s.heun_guidance)
             images = to_uint8(vae.decode(z))
         atomic_write_npz(Path(plan.parts) / f"batch-{i:06d}.npz", images=images, labels=labels[lo:hi])
         if tick is not None:
@@ -165,16 +178,18 @@ def sample(cfg: ExperimentConfig, force: bool = False) -> None:
         if not (run_dir / name).is_file():
             raise UsageError(f"{run_dir / name} is missing: rerun `repa train` for this run")
     num_classes = int(train.extra["model_kwargs"]["num_classes"])
-    labels = class_balanced_labels(s.num, num_classes, s.seed)
+    labels = sample_labels(s.labels, s.num, num_classes, s.seed, s.batch_size)
     batches = [(lo, min(s.num, lo + s.batch_size)) for lo in range(0, s.num, s.batch_size)]
     parts = run.path / f".parts-{run.fingerprint[:16]}"
     parts.mkdir(parents=True, exist_ok=True)
     done = {int(p.stem.split("-")[1]) for p in parts.glob("batch-*.npz")}
     if done:
         say("sample", f"resuming: {len(done)} of {len(batches)} batches already drawn")
-    say("sample", f"{s.num} images, {s.sampler} {s.steps} steps{' (heun)' if s.heun and s.sampler == 'ode' else ''}, "
-                  f"cfg {s.cfg_scale} on t in [{s.guidance_low}, {s.guidance_high}], {s.weights} weights, "
-                  f"{s.launcher} x {s.num_workers}")
+    heun = f" (heun, corrector guided at {s.heun_guidance})" if s.heun and s.sampler == "ode" else ""
+    guidance = (f"cfg {s.cfg_scale} on t in [{s.guidance_low}, {s.guidance_high}]" if s.cfg_scale > 1
+                else f"cfg {s.cfg_scale}: no guidance (it needs cfg_scale > 1)")
+    say("sample", f"{s.num} images, labels {s.labels}, {s.sampler} {s.steps} steps{heun}, {guidance}, "
+                  f"{s.precision}, {s.weights} weights, {s.launcher} x {s.num_workers}")
     plan = DrawPlan(cfg.model_dump(mode="json"), str(run_dir.resolve()), dict(train.extra), str(parts.resolve()),
                     tuple(batches), tuple(int(v) for v in labels))
     todo = [i for i in range(len(batches)) if i not in done]

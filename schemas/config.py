@@ -155,13 +155,16 @@ class TrainConfig(Section):
 
 
 class SampleConfig(Section):
-    num: int = Field(50_000, ge=1)  # images to draw, class-balanced
+    num: int = Field(50_000, ge=1)  # images to draw
+    labels: Literal["uniform-random", "balanced"] = "balanced"  # uniform-random: REPA/HASTE's randint
     sampler: Literal["ode", "sde"] = "sde"
     heun: bool = False  # ODE only: Heun's second-order correction
+    heun_guidance: Literal["t_cur", "t_next"] = "t_cur"  # Heun's corrector tests the interval at (REPA: t_cur)
     steps: int = Field(250, ge=1)
-    cfg_scale: float = Field(1.0, ge=0)  # 1.0 = no guidance
+    cfg_scale: float = Field(1.0, ge=0)  # guidance only when > 1 (as REPA); <= 1 = conditional model alone
     guidance_low: float = Field(0.0, ge=0, le=1)  # CFG applied only for t in [low, high]
     guidance_high: float = Field(1.0, ge=0, le=1)
+    precision: Precision = "fp32"  # model dtype on CUDA: fp32 (TF32 matmuls, REPA's generate.py) or autocast
     batch_size: int = Field(64, ge=1)
     seed: int = 0
     weights: Literal["ema", "model"] = "ema"

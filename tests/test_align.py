@@ -281,6 +281,26 @@ def test_flow_matching_matches_reference():
     torch.testing.assert_close(loss, fm_ref(model, batch))
 
 
+@pytest.mark.parametrize("align", ["repa", "urepa", "haste"])
+def test_projector_starts_as_repas_xavier_uniform_with_zero_biases(align):
+    # REPA's projectors live inside its SiT, whose initialize_weights gives every nn.Linear
+    # xavier_uniform_ weights, U(-b, b) with b = sqrt(6 / (fan_in + fan_out)), and zero biases.
+    # PyTorch's default (kaiming-uniform, b = 1 / sqrt(fan_in), random biases) fails every check.
+    torch.manual_seed(0)
+    obj = build_objective(align, TinyStudent(), cfg(projector_dim=1024), path="linear", teacher_dim=5,
+                          teacher_grid=(4, 4), teacher_heads=2)
+    linears = [m for m in obj.projector if isinstance(m, nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(1024, 8), (1024, 1024), (5, 1024)]
+    for layer in linears:
+        fan_out, fan_in = layer.weight.shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w = layer.weight.detach().double()
+        assert torch.count_nonzero(layer.bias) == 0
+        assert bound * 0.98 < w.abs().max().item() <= bound
+        assert abs(w.var().item() / (bound**2 / 3) - 1) < 0.06  # the variance of U(-b, b)
+        assert abs(w.mean().item()) < 4 * bound / math.sqrt(3 * w.numel())
+
+
 def test_repa_loss_composition_and_gradients_stop_at_aligned_block():
     torch.manual_seed(0)
     model, batch, teacher = TinyStudent(depth=4), make_batch(), make_teacher()

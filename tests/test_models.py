@@ -429,7 +429,8 @@ def test_sizes_follow_the_tables():
         for size, (width, depth, heads) in sizes.items():
             m = build_model(f"SiT-{size}/4")
             assert (m.hidden_size, m.depth, m.num_heads, m.patch_size) == (width, depth, heads, 4)
-            assert m.default_align_depth == (4 if size == "S" else 8)
+            # REPA (arXiv 2410.06940) aligns SiT-B/2 at block 4 and SiT-L/2, SiT-XL/2 at block 8
+            assert m.default_align_depth == {"S": 4, "B": 4, "L": 8, "XL": 8}[size]
         stages = {"B": (768, 12, (5, 5, 5), 8), "L": (1024, 16, (9, 14, 9), 16), "XL": (1152, 16, (10, 16, 10), 18)}
         for size, (width, heads, depths, align) in stages.items():
             m = build_model(f"SiTDown-{size}/2")
@@ -437,6 +438,23 @@ def test_sizes_follow_the_tables():
             assert m.align_grid(align) == (8, 8) and m.align_grid(1) == (16, 16)
             assert m.use_rope and m.use_swiglu
         assert build_model("UNet-S").model_channels == 128 and build_model("UNet-B").model_channels == 192
+
+
+def test_repa_objective_aligns_the_papers_default_block():
+    # align.depth = 0 resolves through the registry's one table: SiT-B/2 at block 4, L and XL at 8
+    from pipeline.align.registry import build_objective
+    from pipeline.models.registry import SIT_ALIGN_DEPTH
+    from schemas.config import AlignConfig
+
+    assert SIT_ALIGN_DEPTH == {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}
+    for name, depth in (("SiT-B/2", 4), ("SiT-L/2", 8), ("SiT-XL/2", 8), ("SiT-B/4", 4)):
+        with torch.device("meta"):
+            model = build_model(name, input_size=32, in_channels=4)
+            obj = build_objective("repa", model, AlignConfig(), path="linear", teacher_dim=768,
+                                  teacher_grid=(16, 16), teacher_heads=12)
+        assert obj.align_depth == depth, name
+    with torch.device("meta"):
+        assert build_model("SiT-B/2", default_align_depth=8).default_align_depth == 8  # still overridable
 
 
 def test_build_model_overrides():

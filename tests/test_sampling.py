@@ -1,4 +1,5 @@
-"""Samplers against an analytic model, guidance-interval bookkeeping, class-balanced labels.
+"""Samplers against an analytic model, guidance-interval bookkeeping against REPA's sampler loop,
+the device contract of the SDE's generator, sampled labels and ADM's pixel quantisation.
 
 The analytic model: data x0 ~ N(m, diag(s^2)) and eps ~ N(0, I), so on a path
 x_t = a_t x0 + g_t eps every coordinate of x_t is Gaussian with mean a_t m and variance
@@ -18,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.sampling import class_balanced_labels, sample
+from jobs.sample import sampling_autocast, to_uint8
+from pipeline.sampling import class_balanced_labels, sample, sample_labels, uniform_random_labels
+from pipeline.sampling.samplers import label_generator
 
 MEAN = torch.tensor([1.5, -0.5], dtype=torch.float64)
 STD = torch.tensor([0.5, 2.0], dtype=torch.float64)
@@ -198,11 +201,13 @@ class Spy:
     "sampler,heun,steps", [("ode", False, 20), ("ode", True, 20), ("sde", False, 25)]
 )
 def test_guidance_only_inside_the_interval(sampler, heun, steps):
+    # heun_guidance="t_next": every evaluation tests the interval at its own time
     b, low, high = 6, 0.3, 0.7
     y = labels(b)
     spy = Spy()
     sample(spy, draw_noise(b), y, sampler=sampler, heun=heun, steps=steps, cfg_scale=2.5,
-           guidance_low=low, guidance_high=high, null_class=NULL, generator=torch.Generator().manual_seed(0))
+           guidance_low=low, guidance_high=high, null_class=NULL, generator=torch.Generator().manual_seed(0),
+           heun_guidance="t_next")
     guided_times, plain_times = [], []
     for t, rows, y_seen in spy.calls:
         if (y_seen == NULL).any():
@@ -215,6 +220,53 @@ def test_guidance_only_inside_the_interval(sampler, heun, steps):
     assert guided_times and plain_times
     assert all(low <= t <= high for t in guided_times)
     assert all(not low <= t <= high for t in plain_times)
+
+
+def repa_guided_evaluations(steps: int, heun: bool, cfg_scale: float, low: float, high: float):
+    """(time, guided) of every model call of REPA's euler_sampler, written out from its loop:
+    for (t_cur, t_next) in the grid, guided = cfg_scale > 1 and low <= t_cur <= high for the
+    predictor at t_cur AND for Heun's corrector at t_next (all steps but the last)."""
+    grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()  # REPA's t_steps
+    calls = []
+    for i in range(steps):
+        t_cur, t_next = grid[i], grid[i + 1]
+        guided = cfg_scale > 1.0 and low <= t_cur <= high
+        calls.append((t_cur, guided))
+        if heun and i < steps - 1:
+            calls.append((t_next, guided))
+    return calls
+
+
+@pytest.mark.parametrize("cfg_scale", [2.5, 0.5])
+def test_heun_guidance_follows_repas_sampler(cfg_scale):
+    # 20 steps on [0.3, 0.7]: the step from t = 0.3 to 0.25 guides its corrector at 0.25 too (t_cur
+    # is inside), and the step from 0.75 to 0.7 does not guide its corrector at 0.7 (t_cur is out)
+    b, low, high = 4, 0.3, 0.7
+    spy = Spy()
+    sample(spy, draw_noise(b), labels(b), sampler="ode", heun=True, steps=20, cfg_scale=cfg_scale,
+           guidance_low=low, guidance_high=high, null_class=NULL)
+    got = [(t, rows == 2 * b) for t, rows, _ in spy.calls]
+    expected = repa_guided_evaluations(20, True, cfg_scale, low, high)
+    assert [t for t, _ in got] == [t for t, _ in expected]  # the same grid, to the last bit
+    assert [g for _, g in got] == [g for _, g in expected]
+    if cfg_scale > 1:
+        assert (0.25, True) in [(round(t, 6), g) for t, g in got]  # a guided corrector outside [0.3, 0.7]
+        assert (0.7, False) in [(round(t, 6), g) for t, g in got]  # an unguided corrector at its end
+    else:
+        assert not any(g for _, g in got)
+
+
+def test_guidance_needs_a_scale_above_one():
+    # REPA guides only when cfg_scale > 1: a scale of 0.5 (or 0) is the conditional model alone,
+    # not v_u + s (v_c - v_u). v = 3 for conditional rows, 1 for unconditional ones: Euler over
+    # 4 steps gives noise - 3.
+    def velocity_fn(x, t, y):
+        return torch.where(y == NULL, 1.0, 3.0).to(x.dtype).view(-1, 1, 1, 1).expand_as(x)
+
+    noise = draw_noise(3)
+    for scale in (0.0, 0.5, 1.0):
+        x0 = sample(velocity_fn, noise, labels(3), sampler="ode", steps=4, cfg_scale=scale, null_class=NULL)
+        assert torch.allclose(x0, noise - 3.0, atol=1e-12)
 
 
 def test_cfg_scale_one_never_runs_the_unconditional_model():
@@ -257,6 +309,82 @@ def test_argument_errors():
         sample(velocity, noise, y, path="vp", null_class=NULL)
     with pytest.raises(ValueError, match="velocity"):
         sample(lambda x, t, y: (x, None), noise, y, null_class=NULL)
+    with pytest.raises(ValueError, match="heun_guidance"):
+        sample(velocity, noise, y, heun=True, heun_guidance="t_mid", null_class=NULL)
+
+
+# ----------------------------------------------------------------------------------------------
+#                            The SDE's generator and the state's device
+# ----------------------------------------------------------------------------------------------
+
+
+def strict_rng(monkeypatch):
+    """Make torch's sampling functions refuse a generator on another device than the one they
+    draw on (PyTorch does so for a CPU generator and a CUDA tensor, but not for the meta device,
+    which stands in for CUDA here)."""
+    for name in ("randn", "rand", "randint", "normal", "randn_like", "rand_like"):
+        original = getattr(torch, name)
+
+        def strict(*args, _original=original, _name=name, **kwargs):
+            gen = kwargs.get("generator")
+            if gen is not None:
+                if _name.endswith("_like"):
+                    target = kwargs.get("device") or args[0].device
+                else:
+                    target = kwargs.get("device") or "cpu"
+                if torch.device(target) != gen.device:
+                    raise RuntimeError(f"torch.{_name}: a {gen.device} generator for a {target} tensor")
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, strict)
+
+
+@pytest.mark.parametrize("sampler,heun", [("sde", False), ("ode", False), ("ode", True)])
+def test_samplers_draw_on_the_generators_device(monkeypatch, sampler, heun):
+    # the state lives on another device than the CPU generator (meta here, CUDA on a GPU run)
+    strict_rng(monkeypatch)
+    with pytest.raises(RuntimeError, match="generator for a meta tensor"):
+        torch.randn(2, generator=torch.Generator(), device="meta")  # the guard itself works
+    noise = torch.zeros(4, 2, 1, 1, dtype=torch.float32, device="meta")
+    y = torch.zeros(4, dtype=torch.long, device="meta")
+    out = sample(lambda x, t, yy: torch.zeros_like(x), noise, y, sampler=sampler, heun=heun, steps=5,
+                 cfg_scale=2.0, null_class=NULL, generator=torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and out.shape == noise.shape
+
+
+def test_sde_increments_are_the_generators_cpu_draws():
+    # v = 0, linear path, two steps (see test_sde_diffusion_coefficient_is_two_t): the result is
+    # 0.96 * (0.04 x + sqrt(1.92) z) where z is the FIRST standard normal draw of the generator, on
+    # the CPU, in float64, shaped like x: exactly, so the draw is the same whatever the device.
+    x = draw_noise(6)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = sample(lambda xx, t, y: torch.zeros_like(xx), x, labels(6), sampler="sde", steps=2, null_class=NULL,
+                 generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(out, 0.96 * (0.04 * x + math.sqrt(1.92) * z), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                  Precision and pixel values
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sampling_precision_is_fp32_unless_asked():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert sampling_autocast("fp32", cuda) is None  # REPA's generate.py: no autocast, TF32 matmuls
+    assert sampling_autocast("bf16", cuda) is torch.bfloat16 and sampling_autocast("fp16", cuda) is torch.float16
+    assert sampling_autocast("bf16", cpu) is None  # CPU runs in fp32, as training does
+
+
+def test_pixels_are_quantised_as_adm_does():
+    # ADM (and REPA's generate.py): ((x + 1) * 127.5).clamp(0, 255).to(uint8), i.e. truncation.
+    # Written out with numpy: floor of the clipped value (all values are >= 0 after the clip).
+    x = torch.tensor([-2.0, -1.0, -0.999, -0.5, 0.0, 0.003, 0.5, 0.99, 0.999, 1.0, 3.0])
+    x = x.view(1, 1, 1, -1).expand(1, 3, 1, -1).contiguous()
+    got = to_uint8(x)
+    ref = np.floor(np.clip((x.numpy().astype(np.float32) + 1) * np.float32(127.5), 0, 255)).astype(np.uint8)
+    assert got.shape == (1, 1, 11, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, ref.transpose(0, 2, 3, 1))
+    assert got[0, 0, :, 0].tolist() == [0, 0, 0, 63, 127, 127, 191, 253, 254, 255, 255]  # 0 -> 127.5 -> 127
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,3 +410,38 @@ def test_class_balanced_labels_seeded_shuffle():
     assert sorted(a.tolist()) == sorted(plain.tolist())
     # without a seed the first whole rounds are 0..K-1 in order
     assert plain[:20].tolist() == list(range(10)) * 2
+
+
+# ----------------------------------------------------------------------------------------------
+#                                  REPA's uniform-random labels
+# ----------------------------------------------------------------------------------------------
+
+
+def test_uniform_random_labels_are_randint_per_batch():
+    # REPA / HASTE: y = torch.randint(0, num_classes, (n,)) for each batch; here batch i's draw
+    # comes from its own generator, so it depends on (seed, i) only
+    num, classes, bs, seed = 2500, 1000, 256, 3
+    got = uniform_random_labels(num, classes, seed, bs)
+    assert got.shape == (num,) and got.dtype == np.int64
+    for i, lo in enumerate(range(0, num, bs)):
+        n = min(num, lo + bs) - lo
+        ref = torch.randint(0, classes, (n,), generator=label_generator(seed, i)).numpy()
+        np.testing.assert_array_equal(got[lo:lo + n], ref)
+    # a longer run keeps the first batches; another seed draws other labels
+    np.testing.assert_array_equal(uniform_random_labels(num + 700, classes, seed, bs)[:2304], got[:2304])
+    assert not np.array_equal(uniform_random_labels(num, classes, seed + 1, bs), got)
+    np.testing.assert_array_equal(sample_labels("uniform-random", num, classes, seed, bs), got)
+
+
+def test_uniform_random_labels_are_uniform_not_balanced():
+    # 20000 draws over 10 classes: each count is Binomial(20000, 0.1), sd 42.4; within 5 sd of 2000,
+    # and (unlike balanced labels) not all equal
+    got = uniform_random_labels(20_000, 10, 0, 64)
+    counts = np.bincount(got, minlength=10)
+    assert got.min() >= 0 and got.max() <= 9 and len(counts) == 10
+    assert np.all(np.abs(counts - 2000) < 5 * math.sqrt(20_000 * 0.1 * 0.9))
+    assert counts.max() - counts.min() > 1
+    balanced = sample_labels("balanced", 20_000, 10, 0, 64)
+    assert np.bincount(balanced).tolist() == [2000] * 10
+    with pytest.raises(ValueError, match="sample.labels"):
+        sample_labels("stratified", 10, 10, 0, 4)

@@ -360,6 +360,59 @@ def test_no_teacher_data_after_switch_off(tmp_path):
     assert obj.seen == [] and ds.teacher_reads == 0 and ds.teacher.calls == 0
 
 
+class ProbeSpy:
+    """The trigger interface of the loop (should_check, check, threshold) with GradientAngleTrigger's
+    schedule; records what each check is shown and how many updates ran before it."""
+
+    threshold = -1.0  # never stops
+
+    def __init__(self, start: int, every: int, objective: TeacherUntil, grad_accum: int):
+        from pipeline.align import GradientAngleTrigger
+
+        self.schedule = GradientAngleTrigger(start, every)
+        self.objective, self.grad_accum, self.calls = objective, grad_accum, []
+
+    def should_check(self, step):
+        return self.schedule.should_check(step)
+
+    def check(self, model, objective, batch, teacher):
+        updates = len(self.objective.seen) // self.grad_accum  # training micro batches seen so far
+        self.calls.append((updates, {k: v.clone() for k, v in batch.items()}, teacher.tokens.clone()))
+        return 0.5
+
+
+def test_trigger_probes_a_fixed_batch_after_start_updates(tmp_path):
+    # HASTE's appendix: the gradient angle is measured on a FIXED probe batch; the first check comes
+    # after trigger_start updates (not one later), then every trigger_every updates; a resumed run
+    # probes with the same batch. The probe is the first micro batch of step 0, recomputed here from
+    # the data's definition.
+    tokens = np.random.default_rng(0).normal(size=(N, 4, 8)).astype(np.float16)
+    source = lambda arrays, step: TeacherTargets(tokens=arrays["tokens"].float())  # noqa: E731
+    reference = dataset(teacher=TokenReader(tokens)).layout(8).item(0)
+    probe = {k: v[:4] for k, v in reference.items() if k != "teacher"}
+
+    def run(steps, start, every, run_dir):
+        obj = TeacherUntil(tau=100)
+        spy = ProbeSpy(start, every, obj, grad_accum=2)
+        training_loop(**loop_args(run_dir, steps=steps, grad_accum=2, dataset=dataset(teacher=TokenReader(tokens)),
+                                  build_objective=lambda m: obj, teacher_source=source, trigger=spy))
+        return spy.calls
+
+    calls = run(7, 2, 2, tmp_path / "a")
+    assert [c[0] for c in calls] == [2, 4, 6]
+    for _, batch, teacher in calls:
+        assert batch.keys() == probe.keys()
+        for k in probe:
+            torch.testing.assert_close(batch[k], probe[k], rtol=0, atol=0)
+        torch.testing.assert_close(teacher, torch.from_numpy(tokens[probe["index"].numpy()]).float())
+    assert [r["trigger_cosine"] for r in rows(tmp_path / "a") if "trigger_cosine" in r] == [0.5] * 3
+
+    assert [c[0] for c in run(3, 0, 2, tmp_path / "b")] == [0, 2]  # trigger_start = 0: before any update
+    resumed = run(6, 0, 2, tmp_path / "b")  # resumes at step 3 (checkpoint_every = 3)
+    assert [c[0] for c in resumed] == [1, 3]  # i.e. after 4 and 6 updates (this objective saw 3 fewer)
+    torch.testing.assert_close(resumed[0][1]["x0"], probe["x0"], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 #                                     Multi-worker launchers
 # ----------------------------------------------------------------------------------------------

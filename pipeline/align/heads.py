@@ -25,7 +25,9 @@ RESIZE_MODES = ("nearest", "bilinear", "bicubic")
 class Projector(nn.Sequential):
     """REPA's per-token MLP: Linear(in, hidden) - SiLU - Linear(hidden, hidden) - SiLU - Linear(hidden, out).
 
-    [B, N, in_dim] -> [B, N, out_dim].
+    [B, N, in_dim] -> [B, N, out_dim]. Initialised as in REPA (and HASTE), whose projectors live
+    inside the SiT and so get its `initialize_weights`: xavier-uniform weights, zero biases (not
+    PyTorch's default Linear init).
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048):
@@ -40,6 +42,14 @@ class Projector(nn.Sequential):
             nn.Linear(hidden, out_dim),
         )
         self.in_dim, self.out_dim, self.hidden = in_dim, out_dim, hidden
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """REPA's init of every Linear: xavier_uniform_ weight, zero bias."""
+        for layer in self:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """HASTE's optional gradient-angle trigger (the paper's appendix; not in its public code).
 
-Every `every` steps from `start`, measure how the alignment and denoising losses pull on one middle
-block of the student: on a fixed probe batch, for each t in PROBE_TIMES (the whole batch at that
-t), take the gradients of the weighted alignment term and of the flow-matching loss with respect to
+After `start`, `start + every`, `start + 2 * every`, ... optimiser updates (the training loop asks
+`should_check(updates done)`), measure how the alignment and denoising losses pull on one middle
+block of the student: on a fixed probe batch (the loop uses the first micro batch of step 0, the
+same samples, noise and teacher targets at every check: pipeline.train.loop.probe_batch), for each t
+in PROBE_TIMES (the whole batch at that t), take the gradients of the weighted alignment term and of the flow-matching loss with respect to
 that block's parameters and compute their cosine. The mean over the probe times is the signal; once
 it falls below `threshold` (default -0.05: the two objectives pull apart) alignment is switched off
 for good with `objective.terminate(step)`.
@@ -49,7 +51,7 @@ class GradientAngleTrigger:
         self.last: float | None = None
 
     def should_check(self, step: int) -> bool:
-        """True at start, start + every, start + 2 * every, ..."""
+        """True at start, start + every, start + 2 * every, ... (step = optimiser updates done)."""
         return step >= self.start and (step - self.start) % self.every == 0
 
     def probe_block(self, model: nn.Module, objective: nn.Module) -> nn.Module:

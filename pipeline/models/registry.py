@@ -1,17 +1,20 @@
 """Named backbone configurations: `build_model("SiT-XL/2", input_size=32, ...)`.
 
-| name                  | class   | width | depth / stages   | heads | patch |
-|-----------------------|---------|-------|------------------|-------|-------|
-| SiT-T/{2,4}           | SiT     | 64    | 4                | 4     | 2, 4  |
-| SiT-S/{2,4,8}         | SiT     | 384   | 12               | 6     | 2,4,8 |
-| SiT-B/{2,4,8}         | SiT     | 768   | 12               | 12    | 2,4,8 |
-| SiT-L/{2,4,8}         | SiT     | 1024  | 24               | 16    | 2,4,8 |
-| SiT-XL/{2,4,8}        | SiT     | 1152  | 28               | 16    | 2,4,8 |
-| SiTDown-T/{2,4}       | SiTDown | 64    | [1, 2, 1]        | 4     | 2, 4  |
-| SiTDown-B/2           | SiTDown | 768   | [5, 5, 5]        | 12    | 2     |
-| SiTDown-L/2           | SiTDown | 1024  | [9, 14, 9]       | 16    | 2     |
-| SiTDown-XL/2          | SiTDown | 1152  | [10, 16, 10]     | 16    | 2     |
-| UNet-T / UNet-S / UNet-B | UNet | ch 32 / 128 / 192 (see pipeline/models/unet.py)  |||
+| name                  | class   | width | depth / stages   | heads | patch | align depth |
+|-----------------------|---------|-------|------------------|-------|-------|-------------|
+| SiT-T/{2,4}           | SiT     | 64    | 4                | 4     | 2, 4  | 2           |
+| SiT-S/{2,4,8}         | SiT     | 384   | 12               | 6     | 2,4,8 | 4           |
+| SiT-B/{2,4,8}         | SiT     | 768   | 12               | 12    | 2,4,8 | 4 (REPA)    |
+| SiT-L/{2,4,8}         | SiT     | 1024  | 24               | 16    | 2,4,8 | 8 (REPA)    |
+| SiT-XL/{2,4,8}        | SiT     | 1152  | 28               | 16    | 2,4,8 | 8 (REPA)    |
+| SiTDown-T/{2,4}       | SiTDown | 64    | [1, 2, 1]        | 4     | 2, 4  | 2 (middle)  |
+| SiTDown-B/2           | SiTDown | 768   | [5, 5, 5]        | 12    | 2     | 8 (middle)  |
+| SiTDown-L/2           | SiTDown | 1024  | [9, 14, 9]       | 16    | 2     | 16 (middle) |
+| SiTDown-XL/2          | SiTDown | 1152  | [10, 16, 10]     | 16    | 2     | 18 (middle) |
+| UNet-T / UNet-S / UNet-B | UNet | ch 32 / 128 / 192 (see pipeline/models/unet.py) ||| mid block |
+
+"align depth" is the block aligned when align.depth = 0 (1-indexed): SIT_ALIGN_DEPTH below for SiT,
+the middle of the middle stage for SiT-down (U-REPA), the mid block for the U-Net.
 
 Overrides are constructor keyword arguments (input_size, in_channels, num_classes,
 class_dropout_prob, use_rope, use_swiglu, default_align_depth, ...); a value of None keeps the
@@ -35,8 +38,14 @@ from pipeline.models.unet import UNet
 #                                        The table
 # ----------------------------------------------------------------------------------------------
 
+# The block whose output REPA aligns by default (align.depth = 0), 1-indexed, per SiT size. REPA
+# (arXiv 2410.06940) aligns SiT-L/2 and SiT-XL/2 at their 8th block and the shallower SiT-B/2 at its
+# 4th (its implementation details; its public scripts pass --encoder-depth=8 for L/XL and 4 for B).
+# S follows B (same depth); T (tests, demo) takes its middle block.
+SIT_ALIGN_DEPTH: dict[str, int] = {"T": 2, "S": 4, "B": 4, "L": 8, "XL": 8}
+
 _SIT_SIZES: dict[str, dict[str, Any]] = {
-    "T": dict(hidden_size=64, depth=4, num_heads=4, default_align_depth=2),
+    "T": dict(hidden_size=64, depth=4, num_heads=4),
     "S": dict(hidden_size=384, depth=12, num_heads=6),
     "B": dict(hidden_size=768, depth=12, num_heads=12),
     "L": dict(hidden_size=1024, depth=24, num_heads=16),
@@ -60,7 +69,8 @@ def _table() -> dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]]:
     table: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {}
     for size, kwargs in _SIT_SIZES.items():
         for patch in (2, 4) if size == "T" else (2, 4, 8):
-            table[f"SiT-{size}/{patch}"] = (SiT, dict(kwargs, patch_size=patch))
+            table[f"SiT-{size}/{patch}"] = (SiT, dict(kwargs, patch_size=patch,
+                                                       default_align_depth=SIT_ALIGN_DEPTH[size]))
     for size, kwargs in _SIT_DOWN_SIZES.items():
         for patch in (2, 4) if size == "T" else (2,):
             table[f"SiTDown-{size}/{patch}"] = (SiTDown, dict(kwargs, patch_size=patch))

@@ -132,8 +132,9 @@ class SiT(nn.Module):
 
     abs_pos_embed: add the fixed sincos position embedding after patchify; None = on unless RoPE is
     on (RoPE then carries all position information).
-    default_align_depth: None = min(depth, 8) when hidden_size >= 768 (REPA's encoder_depth for
-    B/L/XL), else max(1, depth // 3) (S: 4); the registry sets it per size (T: 2, the middle block).
+    default_align_depth: the registry sets it per size from its SIT_ALIGN_DEPTH table (REPA's: B 4,
+    L and XL 8); None (a model built outside the registry) = min(depth, 8) when hidden_size >= 768,
+    else max(1, depth // 3).
     """
 
     supports_attention = True

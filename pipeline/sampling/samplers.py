@@ -30,13 +30,21 @@ Reverse-time SDE (derivation)
       "ode":            a probability-flow step, x <- x - h v.
 
 Classifier-free guidance with a guidance interval
-    When cfg_scale != 1 and guidance_low <= t <= guidance_high, the model runs once on the
+    When cfg_scale > 1 and guidance_low <= t_i <= guidance_high, the model runs once on the
     concatenated batch [x, x] with labels [y, null] and v = v_u + s (v_c - v_u); otherwise it runs
-    once on the conditional batch alone (B rows, not 2B). The interval test uses the time of each
-    model evaluation (for Heun, the corrector's evaluation at t_{i+1} is tested at t_{i+1}; the
-    REPA code tests the step's start time t_i for both, which differs only for a corrector whose
-    step straddles an interval end). Guiding v or the SDE drift is the same thing, since the score
-    is affine in v at fixed (x, t).
+    once on the conditional batch alone (B rows, not 2B). As in REPA's samplers (`euler_sampler`,
+    `euler_maruyama_sampler` of its generate.py), a scale <= 1 means no guidance at all (a scale
+    below 1 is not an extrapolation towards the unconditional model), and the interval is tested
+    at the step's start time t_i for every evaluation of the step: Heun's corrector, evaluated at
+    t_{i+1}, is guided when t_i is inside the interval (`heun_guidance="t_cur"`, the default).
+    `heun_guidance="t_next"` tests the corrector at its own time t_{i+1} instead; the two differ
+    only for a step that straddles an interval end. Guiding v or the SDE drift is the same thing,
+    since the score is affine in v at fixed (x, t).
+
+Random numbers and devices
+    The SDE's increments are drawn from `generator` ON THE GENERATOR'S DEVICE and then moved to the
+    state's device, so a CPU generator drives a CUDA run (PyTorch refuses a CPU generator for a
+    CUDA tensor) and the same seed gives the same increments on every device.
 
 Precision
     The state is integrated in float64 (as the REPA sampler does); the model sees x and t in the
@@ -57,6 +65,8 @@ from pipeline.flow import Path, PathName, get_path
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SamplerName = Literal["ode", "sde"]
 LastStep = Literal["mean", "ode"]
+HeunGuidance = Literal["t_cur", "t_next"]
+LabelMode = Literal["uniform-random", "balanced"]
 
 SDE_T_END = 0.04  # last time of the Euler-Maruyama grid; a deterministic step goes on to 0
 STATE_DTYPE = torch.float64  # dtype of the integrated state
@@ -91,10 +101,10 @@ class GuidedVelocity:
         self.guidance_low = float(guidance_low)
         self.guidance_high = float(guidance_high)
         self.model_dtype = model_dtype
-        self.y_pair = torch.cat([y, torch.full_like(y, null_class)]) if self.cfg_scale != 1.0 else None
+        self.y_pair = torch.cat([y, torch.full_like(y, null_class)]) if self.cfg_scale > 1.0 else None
 
     def guided(self, t: float) -> bool:
-        """Whether the evaluation at time t uses guidance (two predictions)."""
+        """Whether an evaluation whose guidance is decided at time t uses it (two predictions)."""
         return self.y_pair is not None and self.guidance_low <= t <= self.guidance_high
 
     def _call_model(self, x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
@@ -112,9 +122,12 @@ class GuidedVelocity:
             )
         return v.to(x.dtype)
 
-    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """x [B, C, H, W] at the scalar time t -> v [B, C, H, W] (dtype of x)."""
-        if not self.guided(t):
+    def __call__(self, x: torch.Tensor, t: float, guidance_t: float | None = None) -> torch.Tensor:
+        """x [B, C, H, W] at the scalar time t -> v [B, C, H, W] (dtype of x).
+
+        guidance_t: the time at which the guidance interval is tested (None = t).
+        """
+        if not self.guided(t if guidance_t is None else guidance_t):
             return self._call_model(x, t, self.y)
         v_cond, v_uncond = self._call_model(torch.cat([x, x]), t, self.y_pair).chunk(2)
         return v_uncond + self.cfg_scale * (v_cond - v_uncond)
@@ -126,13 +139,17 @@ class GuidedVelocity:
 
 
 def ode_times(steps: int) -> list[float]:
-    """The ODE grid t = linspace(1, 0, steps + 1) as Python floats (no device syncs in the loop)."""
-    return np.linspace(1.0, 0.0, steps + 1).tolist()
+    """The ODE grid t = linspace(1, 0, steps + 1) as Python floats (no device syncs in the loop).
+
+    torch.linspace in float64, as REPA's sampler builds it: numpy's linspace differs in the last
+    bit at some points, which would flip a guidance-interval test at an end such as 0.7."""
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
 
 
 def sde_times(steps: int) -> list[float]:
-    """The SDE grid: linspace(1, 0.04, steps) followed by 0 (steps + 1 points, steps intervals)."""
-    return np.linspace(1.0, SDE_T_END, steps).tolist() + [0.0]
+    """The SDE grid: linspace(1, 0.04, steps) followed by 0 (steps + 1 points, steps intervals),
+    torch.linspace in float64 as REPA's euler_maruyama_sampler."""
+    return torch.linspace(1.0, SDE_T_END, steps, dtype=torch.float64).tolist() + [0.0]
 
 
 def diffusion(t: float) -> float:
@@ -140,10 +157,13 @@ def diffusion(t: float) -> float:
     return 2.0 * t
 
 
-def integrate_ode(field: GuidedVelocity, x: torch.Tensor, steps: int, heun: bool) -> torch.Tensor:
+def integrate_ode(
+    field: GuidedVelocity, x: torch.Tensor, steps: int, heun: bool, heun_guidance: HeunGuidance = "t_cur"
+) -> torch.Tensor:
     """Euler (or Heun) on the probability-flow ODE from t = 1 to t = 0; x [B, C, H, W] is the noise.
 
-    With Heun, every step but the last gets the trapezoidal correction (module docstring).
+    With Heun, every step but the last gets the trapezoidal correction, whose guidance is decided
+    at t_cur (REPA) or t_next (module docstring).
     """
     times = ode_times(steps)
     for i, (t_cur, t_next) in enumerate(pairwise(times)):
@@ -151,7 +171,7 @@ def integrate_ode(field: GuidedVelocity, x: torch.Tensor, steps: int, heun: bool
         v_cur = field(x, t_cur)
         x_euler = x + dt * v_cur
         if heun and i < steps - 1:
-            v_next = field(x_euler, t_next)
+            v_next = field(x_euler, t_next, t_cur if heun_guidance == "t_cur" else t_next)
             x = x + 0.5 * dt * (v_cur + v_next)
         else:
             x = x_euler
@@ -179,9 +199,16 @@ def integrate_sde(
         score = path.score_from_velocity(v, x, x.new_full((x.shape[0],), t_cur))
         x = x + dt * (v - 0.5 * w * score)
         if not last:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + (w * -dt) ** 0.5 * noise
+            x = x + (w * -dt) ** 0.5 * standard_normal(x, generator)
     return x
+
+
+def standard_normal(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) noise shaped like `like`, on its device: drawn on the generator's own device (the
+    global RNG of like.device when there is none), then moved."""
+    device = generator.device if generator is not None else like.device
+    noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
+    return noise.to(like.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +231,7 @@ def sample(
     null_class: int,
     generator: torch.Generator | None = None,
     sde_last_step: LastStep = "mean",
+    heun_guidance: HeunGuidance = "t_cur",
 ) -> torch.Tensor:
     """Draw x0 [B, C, H, W] from noise [B, C, H, W] (the state at t = 1) and labels y [B].
 
@@ -212,7 +240,9 @@ def sample(
     sampler "ode": Euler (heun=False, `steps` evaluations) or Heun (2 * steps - 1 evaluations) on
     t = linspace(1, 0, steps + 1). sampler "sde": Euler-Maruyama with w(t) = 2t on
     linspace(1, 0.04, steps) and a last deterministic step to 0 (`steps` evaluations); its noise is
-    drawn from `generator`, which must live on noise.device. See the module docstring. Runs
+    drawn from `generator` on the generator's device (any: a CPU generator serves a CUDA run) and
+    moved to noise.device. Guidance needs cfg_scale > 1; heun_guidance chooses when Heun's
+    corrector tests the interval ("t_cur", REPA's; or "t_next"). See the module docstring. Runs
     without autograd; returns x0 in the dtype of `noise`.
     """
     if sampler not in ("ode", "sde"):
@@ -223,6 +253,8 @@ def sample(
         raise ValueError(f"heun=True applies to sampler='ode' only, got sampler={sampler!r}")
     if sde_last_step not in ("mean", "ode"):
         raise ValueError(f"sde_last_step={sde_last_step!r} is not supported; expected 'mean' or 'ode'")
+    if heun_guidance not in ("t_cur", "t_next"):
+        raise ValueError(f"heun_guidance={heun_guidance!r} is not supported; expected 't_cur' or 't_next'")
     if not guidance_low <= guidance_high:
         raise ValueError(
             f"guidance_low={guidance_low} must not exceed guidance_high={guidance_high}"
@@ -240,7 +272,7 @@ def sample(
     x = noise.to(STATE_DTYPE)
     with torch.no_grad():
         if sampler == "ode":
-            x = integrate_ode(field, x, steps, heun)
+            x = integrate_ode(field, x, steps, heun, heun_guidance)
         else:
             x = integrate_sde(field, x, steps, flow_path, generator, sde_last_step)
     return x.to(noise.dtype)
@@ -266,3 +298,36 @@ def class_balanced_labels(num: int, num_classes: int, seed: int | None = None) -
     if seed is not None:
         labels = np.random.default_rng(seed).permutation(labels)
     return labels
+
+
+LABEL_STREAM = 0x1ABE1  # last word of the label generators' seeds (keeps them apart from other streams)
+
+
+def label_generator(seed: int, batch: int) -> torch.Generator:
+    """The CPU generator of batch `batch`'s labels: a function of (seed, batch) only."""
+    words = np.random.SeedSequence([seed, batch, LABEL_STREAM]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed((int(words[0]) << 32) | int(words[1]))
+
+
+def uniform_random_labels(num: int, num_classes: int, seed: int, batch_size: int) -> np.ndarray:
+    """Labels [num] int64 as REPA's and HASTE's generate.py draw them: every batch of `batch_size`
+    (the last one shorter) is torch.randint(0, num_classes, (n,)), here with the generator
+    label_generator(seed, i) of batch i, so batch i's labels depend only on (seed, i) (and n).
+    Class counts are multinomial, not balanced."""
+    if num < 0 or num_classes < 1 or batch_size < 1:
+        raise ValueError(f"need num >= 0, num_classes >= 1, batch_size >= 1; got {num}, {num_classes}, {batch_size}")
+    parts = [
+        torch.randint(0, num_classes, (min(num, lo + batch_size) - lo,), generator=label_generator(seed, i))
+        for i, lo in enumerate(range(0, num, batch_size))
+    ]
+    return torch.cat(parts).numpy().astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def sample_labels(mode: LabelMode, num: int, num_classes: int, seed: int, batch_size: int) -> np.ndarray:
+    """The labels of `num` samples drawn in batches of `batch_size`: "uniform-random" (REPA's and
+    HASTE's protocol, uniform_random_labels) or "balanced" (class_balanced_labels, shuffled by seed)."""
+    if mode == "uniform-random":
+        return uniform_random_labels(num, num_classes, seed, batch_size)
+    if mode == "balanced":
+        return class_balanced_labels(num, num_classes, seed)
+    raise ValueError(f"sample.labels={mode!r} is not one of 'uniform-random', 'balanced'")

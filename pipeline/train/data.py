@@ -170,6 +170,11 @@ class TrainDataset(Dataset):
     # -- one batch --------------------------------------------------------------------------------
 
     def __getitem__(self, step: int) -> dict:
+        return self.item(step)
+
+    def item(self, step: int, teacher: bool | None = None) -> dict:
+        """Item `step`; teacher: read the teacher arrays (True), not (False), or when needs_teacher(step)
+        holds (None, what indexing does)."""
         step = int(step)
         if step < 0:
             raise IndexError(f"step {step} < 0")
@@ -207,7 +212,9 @@ class TrainDataset(Dataset):
             "x0": x0, "eps": torch.stack(eps), "t": torch.cat(t).float(), "y": y,
             "index": torch.from_numpy(idx), "flip": torch.from_numpy(flip),
         }
-        if self.teacher is not None and (self.needs_teacher is None or self.needs_teacher(step)):
+        if teacher is None:
+            teacher = self.needs_teacher is None or self.needs_teacher(step)
+        if self.teacher is not None and teacher:
             self.teacher_reads += 1
             batch["teacher"] = self._teacher_arrays(idx, flip)
         return batch

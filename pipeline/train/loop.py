@@ -173,10 +173,25 @@ def _stop_if_non_finite(first_bad: torch.Tensor, steps: int, last_checkpoint: Pa
     )
 
 
+PROBE_STEP = 0  # the gradient-angle trigger probes with (part of) the batch of this step
+
+
+def probe_batch(dataset: TrainDataset, teacher_source, size: int, device: torch.device) -> tuple[dict, Any]:
+    """The trigger's FIXED probe batch (HASTE's appendix): the first `size` samples (one micro batch)
+    of this worker's share of step PROBE_STEP, with their noise, times and teacher targets. The data
+    of a step is a pure function of (seed, step), so every check and every resumed run probes with
+    the same samples."""
+    item = dataset.item(PROBE_STEP, teacher=True)
+    arrays = item.pop("teacher", None)
+    micro = {k: v[:size].to(device) for k, v in item.items()}
+    arrays = {k: v[:size].to(device) for k, v in arrays.items()} if arrays is not None else None
+    return micro, teacher_source(arrays, PROBE_STEP) if teacher_source is not None else None
+
+
 def _trigger_check(trigger, model, objective, probe, done, rank, world_size, device, logger) -> None:
-    """Measure the gradient angle on rank 0's last micro batch; every rank takes rank 0's decision."""
-    micro, teacher = probe
-    value = trigger.check(model, objective, micro, teacher) if rank == 0 else 0.0
+    """Measure the gradient angle on rank 0's fixed probe batch (`probe()` builds it); every rank
+    takes rank 0's decision. Runs after `done` updates and switches alignment off from step `done`."""
+    value = trigger.check(model, objective, *probe()) if rank == 0 else 0.0
     decision = torch.tensor([value, float(value < trigger.threshold)], device=device)
     if world_size > 1:
         dist.broadcast(decision, src=0)
@@ -219,7 +234,7 @@ def training_loop(
     report_fn: Callable[[dict[str, float], str | None], None] | None = None,  # None = the launcher's (Ray)
     progress: bool = True,  # progress bar with steps/s and images/s on rank 0
     metadata: dict[str, str] | None = None,  # extra metadata stored in the exported safetensors
-    trigger: Any = None,  # HASTE early stop: .should_check(step), .check(...) -> cosine, .threshold
+    trigger: Any = None,  # HASTE early stop: .should_check(updates done), .check(...) -> cosine, .threshold
 ) -> dict[str, Any]:
     """Train; returns {step, loss, steps_per_s, images_per_s, checkpoint, ema} (see module docstring)."""
     # -- who and where ----------------------------------------------------------------------------
@@ -311,7 +326,18 @@ def training_loop(
     loader = dataset.loader(start, steps, loader_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)
 
+    def maybe_trigger(done: int) -> None:
+        """HASTE's gradient-angle check after `done` updates (trigger_start, + every, ...) while aligning.
+        The probe batch is rebuilt from the data's definition at each check (it is the same batch every
+        time) instead of holding its teacher targets, attention maps included, on the device all run."""
+        if trigger is None or not objective.needs_teacher(done) or not trigger.should_check(done):
+            return
+        _trigger_check(trigger, model, objective, lambda: probe_batch(dataset, teacher_source, micro_size, device),
+                       done, rank, world_size, device, logger)
+
     try:
+        if start == 0:
+            maybe_trigger(0)  # trigger_start = 0: a check before the first update
         for step in range(start, steps):
             # -- data ---------------------------------------------------------------------------
             t0 = time.perf_counter()
@@ -341,7 +367,6 @@ def training_loop(
                         loss, logs = objective(net, micro, teacher, step)
                     scaled = loss / grad_accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                probe = (micro, teacher)
                 loss_sum += loss.detach().float() / grad_accum
                 for k, v in logs.items():
                     step_logs[k] = step_logs.get(k, 0.0) + v.detach().float() / grad_accum
@@ -373,8 +398,7 @@ def training_loop(
             optimizer.zero_grad(set_to_none=True)
             ema.update(model, ema_decay)
             done = step + 1
-            if trigger is not None and needs and trigger.should_check(step):
-                _trigger_check(trigger, model, objective, probe, done, rank, world_size, device, logger)
+            maybe_trigger(done)
             window.steps += 1
             window.grad_norm = window.grad_norm + stats[1]
             bar.update(1)
