@@ -1,4 +1,4 @@
-"""Stage `evaluate` (`repa evaluate`): FID, sFID, IS, precision and recall of a run's samples.
+"""Stage `evaluate` (`repa evaluate`): FID, KID, sFID, IS, precision and recall of a run's samples.
 
 Recipe:
   1. load the Inception network first (the bundled TF-compatible port, or a user's
@@ -8,7 +8,7 @@ Recipe:
      and cached under {workdir}/reference keyed by the images' fingerprint and the network;
   3. Inception features of samples.npz; FID on pool features (2048), sFID on the first 7 channels
      of mixed_6/conv, IS from the logits (10 splits) when they exist, precision/recall with k
-     nearest neighbours on pool features;
+     nearest neighbours on pool features, KID (unbiased, cubic kernel) on pool features;
   4. metrics.json (atomic), manifest last.
 """
 
@@ -28,6 +28,7 @@ from jobs.stage import UsageError, canonical_json
 from pipeline.metrics import frechet_distance
 from pipeline.metrics.frechet import RunningStatistics
 from pipeline.metrics.inception import load_inception
+from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.metrics.reference import load_reference
 from pipeline.metrics.scores import inception_score, precision_recall
 from pipeline.stores.atomic import atomic_write_json, atomic_write_npz
@@ -184,13 +185,14 @@ def evaluate(cfg: ExperimentConfig, force: bool = False) -> None:
         metrics["is"], metrics["is_std"] = inception_score(feats["logits"], e.splits)
     if ref_pool is not None:
         metrics["precision"], metrics["recall"] = precision_recall(ref_pool, feats["pool"], k=e.k)
+        metrics["kid"], metrics["kid_std"] = kernel_inception_distance(ref_pool, feats["pool"])
     else:
-        metrics["precision"] = metrics["recall"] = None
-        say("evaluate", "precision/recall need reference images; the reference file has none (null)")
+        metrics["precision"] = metrics["recall"] = metrics["kid"] = metrics["kid_std"] = None
+        say("evaluate", "precision/recall and KID need reference images; the reference file has none (null)")
     metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in metrics.items()}
     metrics.update({"num_samples": int(len(images)), "reference": ref_desc, "inception": e.inception})
     atomic_write_json(run.path / "metrics.json", metrics)
-    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("fid", "sfid", "is", "precision", "recall")
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("fid", "kid", "sfid", "is", "precision", "recall")
                       if isinstance(metrics.get(k), float))
     say("evaluate", f"{shown}  ({len(images)} samples)")
     run.finish([OutputEntry(name="metrics.json", kind="file", bytes=(run.path / "metrics.json").stat().st_size)],

@@ -468,3 +468,58 @@ def test_inception_features_stream_statistics_and_keep_only_what_is_asked():
     assert one["pool"].shape == (1, 6)  # precision/recall features of a single image are fine
     with pytest.raises(UsageError, match="at least 2"):
         inception_features(_PixelFeatures(), images[:1], 5, torch.device("cpu"), "test")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                            KID
+# ----------------------------------------------------------------------------------------------
+
+
+def _mmd2_by_loops(real: np.ndarray, fake: np.ndarray) -> float:
+    """The unbiased polynomial-kernel MMD^2 written out pair by pair (independent of the vectorised code)."""
+    d = real.shape[1]
+
+    def k(a, b):
+        return (float(np.dot(a, b)) / d + 1.0) ** 3
+
+    m, n = len(real), len(fake)
+    rr = sum(k(real[i], real[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    ff = sum(k(fake[i], fake[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    rf = sum(k(real[i], fake[j]) for i in range(m) for j in range(n)) / (m * n)
+    return rr + ff - 2 * rf
+
+
+def test_kid_equals_the_pairwise_formula():
+    from pipeline.metrics import kernel_inception_distance
+
+    rng = np.random.default_rng(3)
+    real = rng.random((23, 16))
+    fake = rng.random((19, 16)) * 1.3 + 0.1
+    kid, std = kernel_inception_distance(real, fake, subset_size=1000)
+    assert std == 0.0
+    assert kid == pytest.approx(_mmd2_by_loops(real, fake), rel=1e-10, abs=1e-12)
+
+
+def test_kid_subsets_average_the_subset_estimates():
+    from pipeline.metrics.kid import kernel_inception_distance
+
+    rng = np.random.default_rng(4)
+    real, fake = rng.random((40, 8)), rng.random((30, 8)) + 0.2
+    kid, std = kernel_inception_distance(real, fake, subsets=5, subset_size=10, seed=7)
+    draws = np.random.default_rng(7)
+    values = []
+    for _ in range(5):
+        ri = draws.choice(40, 10, replace=False)
+        fi = draws.choice(30, 10, replace=False)
+        values.append(_mmd2_by_loops(real[ri], fake[fi]))
+    assert kid == pytest.approx(np.mean(values), rel=1e-10)
+    assert std == pytest.approx(np.std(values), rel=1e-8)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
+    from pipeline.metrics.kid import kernel_inception_distance
+
+    rng = np.random.default_rng(5)
+    same, _ = kernel_inception_distance(rng.random((400, 32)), rng.random((400, 32)))
+    apart, _ = kernel_inception_distance(rng.random((400, 32)), rng.random((400, 32)) + 0.3)
+    assert abs(same) < 5e-3 < apart
