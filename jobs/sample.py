@@ -49,14 +49,36 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------------------------
 
 
-def load_run_model(run_dir: Path, train_extra: dict, weights: str, device: torch.device) -> torch.nn.Module:
-    """The run's backbone (train manifest extra: model, model_kwargs) with its exported EMA (or raw)
-    weights, in eval mode on `device`."""
+def weights_path(run_dir: Path, weights: str, checkpoint: int = 0) -> Path:
+    """The file sampling reads: the exported EMA (or raw) weights, or the checkpoint of step N."""
+    if checkpoint:
+        from pipeline.train.checkpoint import checkpoint_path, list_checkpoints
+
+        path = checkpoint_path(run_dir, checkpoint)
+        if not path.is_file():
+            have = [p.stem for p in list_checkpoints(run_dir / "checkpoints")] if (run_dir / "checkpoints").is_dir() else []
+            raise UsageError(f"sample.checkpoint = {checkpoint}: {path} is missing (the run keeps {have or 'none'}); "
+                             "train with train.checkpoint_every dividing it and train.keep_checkpoints large enough")
+        return path
     path = run_dir / ("ema.safetensors" if weights == "ema" else "model.safetensors")
     if not path.is_file():
         raise UsageError(f"{path} is missing: rerun `repa train` for this run (it exports the weights at the end)")
+    return path
+
+
+def load_run_model(run_dir: Path, train_extra: dict, weights: str, device: torch.device,
+                   checkpoint: int = 0) -> torch.nn.Module:
+    """The run's backbone (train manifest extra: model, model_kwargs) with its exported EMA (or raw)
+    weights, or those of its checkpoint at step `checkpoint`, in eval mode on `device`."""
+    path = weights_path(run_dir, weights, checkpoint)
     model = build_model(train_extra["model"], **train_extra["model_kwargs"])
-    state = load_file(str(path))
+    if checkpoint:
+        from pipeline.train.checkpoint import load
+
+        state = load(path)["ema" if weights == "ema" else "model"]
+        state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    else:
+        state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UsageError(f"{path} does not fit {train_extra['model']}: missing {missing[:3]}, unexpected "
@@ -122,7 +144,7 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
     cfg = ExperimentConfig.model_validate(plan.config)
     s = cfg.sample
     device = device_or_exit("sample.device", s.device, worker)
-    model = load_run_model(Path(plan.run_dir), plan.train_extra, s.weights, device)
+    model = load_run_model(Path(plan.run_dir), plan.train_extra, s.weights, device, s.checkpoint)
     vae = load_vae_or_exit(cfg, str(device))  # decode() takes the scaled latent
     num_classes = int(plan.train_extra["model_kwargs"]["num_classes"])
     c, h, w = model.in_channels, model.input_size, model.input_size
@@ -174,9 +196,7 @@ def sample(cfg: ExperimentConfig, force: bool = False) -> None:
     s = cfg.sample
     train = run.inputs["train"]
     run_dir = run.upstream["train"].path
-    for name in ("ema.safetensors", "model.safetensors"):
-        if not (run_dir / name).is_file():
-            raise UsageError(f"{run_dir / name} is missing: rerun `repa train` for this run")
+    weights_path(run_dir, s.weights, s.checkpoint)  # a missing file is a usage error before any compute
     num_classes = int(train.extra["model_kwargs"]["num_classes"])
     labels = sample_labels(s.labels, s.num, num_classes, s.seed, s.batch_size)
     batches = [(lo, min(s.num, lo + s.batch_size)) for lo in range(0, s.num, s.batch_size)]
@@ -189,7 +209,8 @@ def sample(cfg: ExperimentConfig, force: bool = False) -> None:
     guidance = (f"cfg {s.cfg_scale} on t in [{s.guidance_low}, {s.guidance_high}]" if s.cfg_scale > 1
                 else f"cfg {s.cfg_scale}: no guidance (it needs cfg_scale > 1)")
     say("sample", f"{s.num} images, labels {s.labels}, {s.sampler} {s.steps} steps{heun}, {guidance}, "
-                  f"{s.precision}, {s.weights} weights, {s.launcher} x {s.num_workers}")
+                  f"{s.precision}, {s.weights} weights" + (f" of checkpoint {s.checkpoint}" if s.checkpoint else "")
+                  + f", {s.launcher} x {s.num_workers}")
     plan = DrawPlan(cfg.model_dump(mode="json"), str(run_dir.resolve()), dict(train.extra), str(parts.resolve()),
                     tuple(batches), tuple(int(v) for v in labels))
     todo = [i for i in range(len(batches)) if i not in done]

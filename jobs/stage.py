@@ -131,6 +131,25 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in keys if canonical_json(old.get(k)) != canonical_json(new.get(k))]
 
 
+def _nearest_variant(stage: str, path: Path, config: dict[str, Any]) -> tuple[Path, list[str]] | None:
+    """For a variant directory (one per stage config, side by side): the sibling whose config differs
+    from `config` in the fewest keys, and those keys; None when there is no sibling."""
+    best = None
+    parent = path.parent
+    siblings = [p for p in parent.iterdir() if p != path and (p / MANIFEST_NAME).is_file()] if parent.is_dir() else []
+    for sibling in sorted(siblings):
+        try:
+            old = read_manifest(sibling)
+        except (OSError, ValueError):
+            continue
+        if old.stage != stage:
+            continue
+        changed = _changed_keys(old.config, config)
+        if changed and (best is None or len(changed) < len(best[1])):
+            best = (sibling, changed)
+    return best
+
+
 def evaluate_state(
     spec: StageSpec, cfg: ExperimentConfig, upstream: dict[str, StageState], deep: bool = False
 ) -> StageState:
@@ -147,6 +166,10 @@ def evaluate_state(
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.is_file():
         state.reason = "no manifest (never run, or the last run did not finish)"
+        nearest = _nearest_variant(spec.name, path, config)
+        if nearest is not None:
+            state.reason = (f"no store for this config yet; the nearest kept variant {nearest[0].name} differs in "
+                            f"{', '.join(nearest[1])}")
         return state
     try:
         manifest = read_manifest(path)
@@ -243,3 +266,10 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 def invalidate(directory: Path) -> None:
     """Remove a stage's manifest before rewriting its outputs, so a crash leaves it 'missing'."""
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def probe_warning(probe: dict[str, Any]) -> str:
+    """One line for a teacher store whose k-NN probe (pipeline.teachers.probe) says `suspect`."""
+    return (f"the teacher store's k-NN probe is {probe['knn']:.1%}, no better than a random-init teacher's "
+            f"{probe['knn_random_init']:.1%} (chance {probe['chance']:.1%}): the teacher is random or mis-wired "
+            "(teacher.weights, preprocessing, cached layer); alignment to it will not help")

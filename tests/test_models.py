@@ -418,7 +418,8 @@ def test_gradients_reach_every_parameter(name):
 def test_model_names():
     names = set(model_names())
     expected = {f"SiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
-    expected |= {"SiT-T/2", "SiT-T/4", "SiTDown-T/2", "SiTDown-T/4", "SiTDown-B/2", "SiTDown-L/2", "SiTDown-XL/2"}
+    expected |= {"SiT-T/2", "SiT-T/4", "SiTDown-T/2", "SiTDown-T/4", "SiTDown-XS/2", "SiTDown-XS/4",
+                 "SiTDown-B/2", "SiTDown-L/2", "SiTDown-XL/2"}
     expected |= {"UNet-T", "UNet-S", "UNet-B"}
     assert names == expected
 

