@@ -168,7 +168,7 @@ def evaluate_state(
         state.reason = "no manifest (never run, or the last run did not finish)"
         nearest = _nearest_variant(spec.name, path, config)
         if nearest is not None:
-            state.reason = (f"no store for this config yet; the nearest kept variant {nearest[0].name} differs in "
+            state.reason = (f"not built for this config yet; the nearest kept variant {nearest[0].name} differs in "
                             f"{', '.join(nearest[1])}")
         return state
     try:

@@ -157,7 +157,7 @@ def _teacher_readers(plan: dict[str, Any], variants: int) -> list | None:
 
 
 def _sample_fn(cfg: ExperimentConfig, run_dir: Path, device: torch.device, num_classes: int):
-    """Save a 8x8 grid of EMA samples (Euler ODE, 32 steps, fixed noise) at steps-done `step`."""
+    """Save a grid of `train.grid` EMA samples (Euler ODE, 32 steps, fixed noise) at steps-done `step`."""
     from jobs.encode import load_vae_or_exit
     from jobs.sample import image_grid, to_uint8
     from pipeline.sampling import sample as run_sampler
@@ -168,7 +168,7 @@ def _sample_fn(cfg: ExperimentConfig, run_dir: Path, device: torch.device, num_c
 
     def fn(model: torch.nn.Module, step: int) -> None:
         gen = torch.Generator().manual_seed(cfg.train.seed)
-        n = 64
+        n = cfg.train.grid
         noise = torch.randn(n, model.in_channels, model.input_size, model.input_size, generator=gen).to(device)
         y = (torch.arange(n) % num_classes).to(device)
         with torch.inference_mode():
@@ -234,7 +234,7 @@ def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
         ema_decay=t.ema_decay, precision=t.precision, compile=t.compile,
         checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every,
         sample_every=t.sample_every,
-        sample_fn=_sample_fn(cfg, run_dir, device, plan["num_classes"]) if ctx.rank == 0 else None,
+        sample_fn=_sample_fn(cfg, run_dir, device, plan["num_classes"]) if ctx.rank == 0 and t.grid else None,
         seed=t.seed, loader_workers=t.loader_workers, resume=plan["resume"],
         trigger=build_trigger(t.align, cfg.align),
         metadata={"model": plan["model"], "model_kwargs": json.dumps(plan["model_kwargs"])},

@@ -141,6 +141,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept on disk
     log_every: int = Field(100, ge=1)  # steps between metrics.jsonl rows
     sample_every: int = Field(0, ge=0)  # steps between sample-grid PNGs (0 = only at the end)
+    grid: int = Field(64, ge=0)  # images in each progress grid (0 = no grids: a CPU run's 64-image tail)
     loader_workers: int = Field(0, ge=0)  # DataLoader worker processes per training worker
     max_failures: int = Field(3, ge=0)  # Ray: worker-group restarts before giving up
 
