@@ -159,7 +159,8 @@ def convert_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor]:
             tm + "mlp.fc2.bias": named(hf + "mlp.fc2.bias"),
             tm + "ls2.gamma": named(hf + "layer_scale2.lambda1"),
         }
-    return {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in state.items()}
+    # C order: numpy keeps a transposed matrix in Fortran order, and safetensors refuses strided tensors.
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32, order="C")) for k, v in state.items()}
 
 
 # ----------------------------------------------------------------------------------------------
