@@ -1,6 +1,7 @@
 # repa-pipeline. Every target bootstraps .venv on first use.
 #   make demo                       features + train (U-REPA) + eval on the embedded dataset, CPU
 #   make test                       the test suite
+#   make test-faults                every kill -9 point of every stage, rerun, outputs unchanged
 #   make compare                    none / repa / urepa / haste on one student: FID against training images
 #   make features | train | eval    the stages for CONFIG; e.g. make train ALIGN=urepa MODEL=SiTDown-B/2
 #   make gpu-check                  every CUDA path on small data (<= 5 min); exits 0 without a GPU
@@ -20,7 +21,7 @@ OVERRIDES := $(if $(ALIGN),--set train.align=$(ALIGN)) $(if $(MODEL),--set model
 ARGS := --config $(CONFIG) $(OVERRIDES)
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup weights compare features ingest encode teacher train sample eval evaluate status report demo test test-fast \
+.PHONY: setup weights compare features ingest encode teacher train sample eval evaluate status report demo test test-fast test-faults \
         bench gpu-check lint clean
 
 setup: $(STAMP)
@@ -64,6 +65,9 @@ test: weights
 
 test-fast: weights
 	$(PY) -m pytest -m "not slow"
+
+test-faults: weights
+	REPA_FAULT_MATRIX=full $(PY) -m pytest tests/test_faults.py
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b" >&2; $(PY) $$b; done

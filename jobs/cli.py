@@ -7,6 +7,7 @@ the subcommands that need them, so `repa status` and an up-to-date check stay fa
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -32,6 +33,8 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a config key: dotted.key=value (repeatable)."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if the stage is up to date.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If another process is writing a stage's output, wait for it "
+                                                      "(default: exit 2 naming it).")]
 
 
 def _fail(code: int, message: str) -> None:
@@ -39,10 +42,19 @@ def _fail(code: int, message: str) -> None:
     raise typer.Exit(code)
 
 
-def _run(config: str, overrides: list[str] | None, steps: list[Callable], needs_config: bool = True) -> None:
-    """Load the config, run the stage functions in order, map errors to exit codes."""
+def _run(config: str, overrides: list[str] | None, steps: list[Callable], needs_config: bool = True,
+         plan: bool = True) -> None:
+    """Load the config, run the stage functions in order, map errors to exit codes.
+
+    Loading checks names and grids (schemas, every command); `plan` adds jobs.plan.check_config, which
+    builds the model on the meta device (a torch import: the commands that compute pay it anyway).
+    """
     try:
         cfg = load_config(config, overrides or []) if needs_config else None
+        if cfg is not None and plan:
+            from jobs.plan import check_config
+
+            check_config(cfg)
         for step in steps:
             step(cfg)
     except (ConfigError, UsageError) as exc:
@@ -58,58 +70,40 @@ def _run(config: str, overrides: list[str] | None, steps: list[Callable], needs_
         _fail(1, f"{type(exc).__name__}: {exc}{hint}")
 
 
-def _ingest(force: bool):
-    def step(cfg):
-        from jobs.ingest import ingest
+# stage -> "module:function", imported only when the stage runs (so `repa status` starts fast).
+JOBS = {
+    "ingest": "jobs.ingest:ingest",
+    "latents": "jobs.encode:encode",
+    "teacher": "jobs.teacher:teacher",
+    "train": "jobs.train:train",
+    "sample": "jobs.sample:sample",
+    "evaluate": "jobs.evaluate:evaluate",
+}
 
-        ingest(cfg, force)
+
+def _stage(name: str, force: bool, wait: bool = False) -> Callable:
+    """A step that runs stage `name` on the config it is given."""
+    module, function = JOBS[name].split(":")
+
+    def step(cfg):
+        getattr(importlib.import_module(module), function)(cfg, force, wait)
 
     return step
 
 
-def _encode(force: bool):
-    def step(cfg):
-        from jobs.encode import encode
+def _evaluate(force: bool, wait: bool) -> list[Callable]:
+    """The held-out reference images (eval.reference = "holdout") are ingested before `evaluate` reads them."""
 
-        encode(cfg, force)
+    def reference(cfg) -> None:
+        if cfg.eval.reference == "holdout":
+            from jobs.layout import holdout_config
 
-    return step
+            _stage("ingest", False, wait)(holdout_config(cfg))
 
-
-def _teacher(force: bool):
-    def step(cfg):
-        from jobs.teacher import teacher
-
-        teacher(cfg, force)
-
-    return step
+    return [reference, _stage("evaluate", force, wait)]
 
 
-def _train(force: bool):
-    def step(cfg):
-        from jobs.train import train
-
-        train(cfg, force)
-
-    return step
-
-
-def _sample(force: bool):
-    def step(cfg):
-        from jobs.sample import sample
-
-        sample(cfg, force)
-
-    return step
-
-
-def _evaluate(force: bool):
-    def step(cfg):
-        from jobs.evaluate import evaluate
-
-        evaluate(cfg, force)
-
-    return step
+FEATURES = ("ingest", "latents", "teacher")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,71 +112,83 @@ def _evaluate(force: bool):
 
 
 @app.command()
-def ingest(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+def ingest(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
+        wait: WaitOpt = False) -> None:
     """Source images -> center-cropped WebDataset shards."""
-    _run(config, overrides, [_ingest(force)])
+    _run(config, overrides, [_stage("ingest", force, wait)], plan=False)
 
 
 @app.command()
-def encode(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+def encode(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
+        wait: WaitOpt = False) -> None:
     """Image shards -> VAE latent moments store (Zarr)."""
-    _run(config, overrides, [_encode(force)])
+    _run(config, overrides, [_stage("latents", force, wait)])
 
 
 @app.command()
-def teacher(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+def teacher(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
+        wait: WaitOpt = False) -> None:
     """Image shards -> DINOv2 teacher features store (Zarr)."""
-    _run(config, overrides, [_teacher(force)])
+    _run(config, overrides, [_stage("teacher", force, wait)])
 
 
 @app.command()
-def features(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+def features(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
+        wait: WaitOpt = False) -> None:
     """ingest, encode and teacher."""
-    _run(config, overrides, [_ingest(force), _encode(force), _teacher(force)])
+    _run(config, overrides, [_stage(name, force, wait) for name in FEATURES])
 
 
 @app.command()
-def train(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+def train(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
+        wait: WaitOpt = False) -> None:
     """Train the model from the cached stores (resumes from the latest checkpoint)."""
-    _run(config, overrides, [_train(force)])
+    _run(config, overrides, [_stage("train", force, wait)])
 
 
 @app.command()
-def sample(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+def sample(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
+        wait: WaitOpt = False) -> None:
     """Draw class-balanced samples from the run's EMA weights."""
-    _run(config, overrides, [_sample(force)])
+    _run(config, overrides, [_stage("sample", force, wait)])
 
 
 @app.command()
-def evaluate(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+def evaluate(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
+        wait: WaitOpt = False) -> None:
     """Score the samples: FID, sFID, IS, precision, recall."""
-    _run(config, overrides, [_evaluate(force)])
+    _run(config, overrides, _evaluate(force, wait))
 
 
 @app.command(name="eval")
-def eval_(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+def eval_(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
+        wait: WaitOpt = False) -> None:
     """sample, then evaluate."""
-    _run(config, overrides, [_sample(force), _evaluate(force)])
+    _run(config, overrides, [_stage("sample", force, wait), *_evaluate(force, wait)])
 
 
 @app.command()
-def compare(config: ConfigOpt = "configs/compare.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
+def compare(config: ConfigOpt = "configs/compare.toml", overrides: SetOpt = None, force: ForceOpt = False,
+        wait: WaitOpt = False) -> None:
     """Train the same student once per alignment method, evaluate each at compare.checkpoints, and
     write {workdir}/compare/compare.md + compare.png (FID / KID against training images)."""
 
     def step(cfg):
         from jobs import compare as cmp
+        from jobs.plan import check_config
 
         runs = cmp.plan(cfg)  # validates the schedule before any compute
-        for feature_step in (_ingest(force), _encode(force), _teacher(force)):
-            feature_step(cfg)
+        for _, train_cfgs, _ in runs:
+            check_config(train_cfgs[0])  # each method fits the student and the teacher
+        for name in FEATURES:
+            _stage(name, force, wait)(cfg)
         for method, train_cfgs, eval_cfgs in runs:
             print(f"[compare] method {method}", file=sys.stderr, flush=True)
             for c in train_cfgs:
-                _train(force)(c)
+                _stage("train", force, wait)(c)
             for c in eval_cfgs:
-                _sample(force)(c)
-                _evaluate(force)(c)
+                for step_ in (_stage("sample", force, wait), *_evaluate(force, wait)):
+                    step_(c)
         cmp.summarise(cfg)
 
     _run(config, overrides, [step])
@@ -222,7 +228,7 @@ def status(
         if probe.get("verdict") == "suspect":
             print(f"warning: {probe_warning(probe)}", file=sys.stderr)
 
-    _run(config, overrides, [show])
+    _run(config, overrides, [show], plan=False)
 
 
 @app.command()
@@ -234,7 +240,7 @@ def report(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, fo
 
         make_report(cfg)
 
-    _run(config, overrides, [step])
+    _run(config, overrides, [step], plan=False)
 
 
 @app.command()

@@ -10,23 +10,18 @@ Recipe:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from jobs.ingest import shard_paths
-from jobs.run import begin, device_or_exit, say
+from jobs.run import KEY_WIDTH, begin, device_or_exit, job, load_vae_or_exit, say, shard_paths, store_outputs
 from jobs.stage import UsageError
 from pipeline.launch.ranges import StoreJob, run_store_job
+from pipeline.precision import autocast
 from pipeline.stores.shards import ShardIndex
 from pipeline.stores.zarr_store import ArraySpec, StoreReader
 from schemas.config import ExperimentConfig
-from schemas.manifest import OutputEntry
-
-KEY_WIDTH = 64
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -47,9 +42,7 @@ class LatentExtractor:
         self.vae = load_vae(self.name, self.weights, device=str(device))
 
     def _moments(self, images: torch.Tensor) -> np.ndarray:
-        dtype = AUTOCAST.get(self.precision)
-        ctx = torch.autocast("cuda", dtype=dtype) if dtype and images.is_cuda else nullcontext()
-        with ctx:
+        with autocast(self.precision, images.device):
             moments = self.vae.encode_moments(images)
         return moments.float().cpu().numpy()
 
@@ -60,16 +53,7 @@ class LatentExtractor:
         return out
 
 
-def load_vae_or_exit(cfg: ExperimentConfig, device: str = "cpu"):
-    """The configured VAE on `device`, or a UsageError that says how to provide its weights."""
-    from pipeline.vae.autoencoder import load_vae
-
-    try:
-        return load_vae(cfg.vae.name, cfg.vae.weights, device=device)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"vae: {exc}") from None
-
-
+@job("latents")
 def encode(cfg: ExperimentConfig, force: bool = False) -> None:
     run = begin("latents", cfg, force)
     if run is None:
@@ -88,31 +72,19 @@ def encode(cfg: ExperimentConfig, force: bool = False) -> None:
     specs += [ArraySpec("labels", (), "int64"), ArraySpec("keys", (), f"<U{KEY_WIDTH}")]
     attrs = {"vae": cfg.vae.name, "scaling_factor": vae.scaling_factor, "flip": cfg.vae.flip,
              "fingerprint": run.fingerprint}
-    job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
-                   cfg.stores.samples_per_shard, attrs, cfg.vae.batch_size, KEY_WIDTH)
+    store_job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
+                         cfg.stores.samples_per_shard, attrs, cfg.vae.batch_size, KEY_WIDTH)
+    run.expect(len(index) * sum(s.nbytes for s in specs))
     say("latents", f"{len(index)} images {res}px -> moments {list(latent)} with {cfg.vae.name} "
                    f"(scaling factor {vae.scaling_factor})")
     del vae
     extractor = LatentExtractor(cfg.vae.name, cfg.vae.weights, cfg.vae.flip, cfg.vae.precision)
-    stats = run_store_job(job, index, extractor, device=cfg.vae.device, launcher=cfg.stores.launcher,
+    stats = run_store_job(store_job, index, extractor, device=cfg.vae.device, launcher=cfg.stores.launcher,
                           num_workers=cfg.stores.num_workers, desc="encode", fresh=force)
 
-    outputs = store_outputs(StoreReader(job.store), index)
+    outputs = store_outputs(StoreReader(store_job.store), index)
     run.finish(outputs, stats, extra={
         "num_images": len(index), "scaling_factor": attrs["scaling_factor"], "latent_shape": list(latent),
         "latent_channels": latent[0] // 2, "vae": cfg.vae.name, "flip": cfg.vae.flip,
         "num_classes": ingest.extra["num_classes"], "resolution": res,
     })
-
-
-def store_outputs(reader: StoreReader, index: ShardIndex) -> list[OutputEntry]:
-    """The manifest entries of a finished store (shape, dtype, bytes, sha256 over its shard files),
-    after checking that row i of the store is image i of the ingest shards."""
-    keys = np.asarray(reader.array("keys")[:])
-    if list(map(str, keys)) != index.keys:
-        raise RuntimeError(f"store keys of {reader.path} do not match the ingest shards' keys")
-    reader.add_missing_checksums()  # a store resumed from ranges published before checksums existed
-    files, digests = reader.published_files(), reader.array_digests()
-    return [OutputEntry(name=s.name, kind="array", shape=[len(reader), *s.shape], dtype=s.dtype, count=len(reader),
-                        bytes=sum(f["bytes"] for f in files[s.name]), sha256=digests[s.name])
-            for s in reader.specs.values()]

@@ -21,10 +21,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from jobs.run import begin, say
+from jobs.run import begin, job, say
 from jobs.stage import UsageError
-from pipeline.data.center_crop import adm_center_crop
-from pipeline.data.sources import SourceError, SourceItem, fit_small, open_source
+from pipeline import faults
+from pipeline.datasets.center_crop import adm_center_crop
+from pipeline.datasets.sources import SourceError, SourceItem, fit_small, open_source
 from pipeline.stores.atomic import atomic_write_json, atomic_write_text
 from pipeline.stores.shards import write_shard
 from schemas.config import ExperimentConfig
@@ -101,6 +102,7 @@ def write_one(task: ShardTask) -> dict:
         "origins": [it.origin for it in task.items if it.key not in {s["key"] for s in skipped}],
     }
     atomic_write_json(out / f"{record['name']}.json", record)
+    faults.point("ingest.shard")
     return record
 
 
@@ -147,6 +149,7 @@ def open_configured_source(cfg: ExperimentConfig):
         raise UsageError(str(exc)) from None
 
 
+@job("ingest")
 def ingest(cfg: ExperimentConfig, force: bool = False) -> None:
     run = begin("ingest", cfg, force)
     if run is None:
@@ -222,9 +225,3 @@ def ingest(cfg: ExperimentConfig, force: bool = False) -> None:
         extra={"num_images": count, "num_classes": num_classes, "resolution": d.resolution,
                "shards": [r["name"] for r in ordered], "skipped": skipped},
     )
-
-
-def shard_paths(manifest_dir: Path, manifest) -> list[Path]:
-    """The ingest shards, in order, from an ingest manifest."""
-    return [Path(manifest_dir) / name for name in manifest.extra["shards"]]
-

@@ -7,6 +7,8 @@
     {workdir}/runs/{run}                 training run: checkpoints, metrics, ema.safetensors
     {workdir}/runs/{run}/samples         samples.npz + grid.png (samples-step{N}: from checkpoint N)
     {workdir}/runs/{run}/eval            metrics.json (eval-step{N}: of samples-step{N})
+    {workdir}/reference/holdout/ingest   held-out reference images (eval.reference = "holdout")
+    {workdir}/reference/stats-{hash}.npz reference Inception statistics, cached
 
 The run name defaults to model-align-hash, the hash covering what shapes the run's result except
 its length, so raising `train.steps` (or `train.images`) continues the same run from its last checkpoint.
@@ -22,7 +24,7 @@ from tqdm import tqdm
 from jobs.stage import StageSpec, StageState, canonical_json, evaluate_state, lookup
 from pipeline.stores.checksum import sha256_file
 from pipeline.stores.zarr_store import StoreReader
-from schemas.config import AlignConfig, ExperimentConfig, TrainConfig
+from schemas.config import ExperimentConfig, TrainConfig
 from schemas.manifest import Manifest
 
 STAGES = ("ingest", "latents", "teacher", "train", "sample", "evaluate")
@@ -55,16 +57,10 @@ EVAL_KEYS = ("eval.reference", "eval.reference_offset", "eval.reference_limit", 
 
 
 def align_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
-    if cfg.train.align == "none":
-        return ()
-    fields = ["depth", "coeff", "projector_dim", "resize"]
-    if cfg.train.align == "urepa":
-        fields += ["manifold_weight", "manifold_over"]
-    if cfg.train.align == "haste":
-        fields += ["attn_coeff", "student_layers", "teacher_layers", "tau", "trigger", "trigger_start",
-                   "trigger_every", "trigger_threshold"]
-    assert set(fields) <= set(AlignConfig.model_fields)
-    return tuple(f"align.{f}" for f in fields)
+    """The align.* fields the configured objective declares as shaping its result."""
+    from pipeline.align.registry import objective_class
+
+    return tuple(f"align.{f}" for f in objective_class(cfg.train.align).config_fields)
 
 
 def train_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
@@ -133,6 +129,15 @@ def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | No
 # ----------------------------------------------------------------------------------------------
 
 
+def holdout_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config whose ingest stage holds eval.reference = "holdout"'s images:
+    {workdir}/reference/holdout/ingest, images eval.reference_offset .. + eval.reference_limit."""
+    held = cfg.model_copy(deep=True)
+    held.workdir = str(Path(cfg.workdir) / "reference" / "holdout")
+    held.data.offset, held.data.limit = cfg.eval.reference_offset, cfg.eval.reference_limit
+    return held
+
+
 def _workdir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.workdir)
 
@@ -155,7 +160,9 @@ def _eval_dir(cfg: ExperimentConfig) -> Path:
 
 
 def _train_inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
-    return ("latents",) if cfg.train.align == "none" else ("latents", "teacher")
+    from pipeline.align.registry import objective_class
+
+    return ("latents", "teacher") if objective_class(cfg.train.align).reads_teacher else ("latents",)
 
 
 def _eval_inputs(cfg: ExperimentConfig) -> tuple[str, ...]:

@@ -1,14 +1,24 @@
-"""Begin and finish a stage: the up-to-date check before compute, the manifest after it."""
+"""The stage framework every job uses: `job` (one writer per output, disk and permission errors as
+one clear line), begin (the up-to-date check before compute), finish (the manifest after it), and
+the helpers several stages share (ingest shard paths, the VAE, store manifest entries)."""
 
 from __future__ import annotations
 
+import errno
+import functools
+import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jobs import layout
+from jobs.lock import hold, lock_path
 from jobs.stage import (
     StageSpec,
     StageState,
@@ -18,9 +28,12 @@ from jobs.stage import (
     require_inputs,
     write_manifest,
 )
+from pipeline import faults
 from pipeline.stores.checksum import sha256_file
 from schemas.config import ExperimentConfig
 from schemas.manifest import Manifest, OutputEntry
+
+KEY_WIDTH = 64  # characters of a sample key in the stores' `keys` array
 
 
 def device_or_exit(key: str, name: str, worker: int = 0):
@@ -37,6 +50,86 @@ def say(stage: str, message: str) -> None:
     print(f"[{stage}] {message}", file=sys.stderr, flush=True)
 
 
+# ----------------------------------------------------------------------------------------------
+#                                   Running a stage function
+# ----------------------------------------------------------------------------------------------
+
+NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded"}
+NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+_ACTIVE: dict[str, StageRun] = {}  # stage -> its run in this process, for the error messages
+
+
+class DiskError(UsageError):
+    """The stage could not write its output (space, quota, permissions); a rerun resumes (exit 2)."""
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) if directory.is_dir() else 0
+
+
+def _free(directory: Path) -> int:
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return shutil.disk_usage(directory).free
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def explain_os_error(stage: str, directory: Path, exc: OSError) -> DiskError | None:
+    """One line for a disk-full or not-writable error while stage `stage` writes `directory`, else None."""
+    where = exc.filename or directory
+    if exc.errno in NO_SPACE:
+        run = _ACTIVE.get(stage)
+        need = ""
+        if run is not None and run.expected_bytes:
+            need = f"; the stage needs about {_gib(max(0, run.expected_bytes - _size(directory)))} more"
+        return DiskError(f"stage {stage}: {NO_SPACE[exc.errno]} while writing {where} ({_gib(_free(directory))} "
+                         f"free there{need}): free space or set workdir elsewhere, then rerun the same command; it "
+                         "resumes where it stopped")
+    if exc.errno in NOT_WRITABLE:
+        return DiskError(f"stage {stage}: cannot write {where} ({exc.strerror}): make {directory} writable or set "
+                         "workdir to a writable place, then rerun the same command")
+    return None
+
+
+def job(stage: str) -> Callable:
+    """Decorate a stage function `fn(cfg, force=False)`. It runs holding its output's lock (jobs.lock;
+    under torchrun only rank 0 takes it), and a disk-full or permission error becomes a DiskError
+    that names the stage, the path, the space still needed and says that a rerun resumes.
+
+    The wrapped function also takes `wait=False`: wait for a busy lock instead of exit 2.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> Any:
+            directory = layout.SPECS[stage].directory(cfg)
+            try:
+                if int(os.environ.get("RANK", "0")) != 0:
+                    return fn(cfg, force)
+                with hold(lock_path(cfg, directory), f"stage {stage} ({directory})", wait=wait,
+                          say=lambda m: say(stage, m)):
+                    return fn(cfg, force)
+            except OSError as exc:
+                explained = explain_os_error(stage, directory, exc)
+                if explained is None:
+                    raise
+                raise explained from exc
+            finally:
+                _ACTIVE.pop(stage, None)
+
+        return run
+
+    return wrap
+
+
+# ----------------------------------------------------------------------------------------------
+#                                      Begin and finish
+# ----------------------------------------------------------------------------------------------
+
+
 @dataclass
 class StageRun:
     """One execution of a stage whose inputs are ready and whose output is not up to date."""
@@ -47,6 +140,11 @@ class StageRun:
     upstream: dict[str, StageState]
     inputs: dict[str, Manifest]
     started: float = field(default_factory=time.time)
+    expected_bytes: int = 0  # what the outputs will take at most (from the array specs), for disk errors
+
+    def expect(self, nbytes: int) -> None:
+        """Record the most bytes the outputs will take (a disk-full message says how much is still needed)."""
+        self.expected_bytes = int(nbytes)
 
     @property
     def path(self) -> Path:
@@ -61,6 +159,7 @@ class StageRun:
         outputs = [e.model_copy(update={"sha256": sha256_file(self.path / e.name)}) if e.kind == "file" and not e.sha256
                    else e for e in outputs]  # so `repa status --deep` can check every file's bytes
         manifest = build_manifest(self.spec, self.state, self.cfg, self.upstream, outputs, stats, extra)
+        faults.point("manifest")
         write_manifest(self.path, manifest)
         say(self.spec.name, f"done in {stats['seconds']:.1f}s -> {self.path}")
         return manifest
@@ -83,4 +182,39 @@ def begin(stage: str, cfg: ExperimentConfig, force: bool = False) -> StageRun | 
     if state.state == "stale":
         say(stage, f"stale: {state.reason}")
     invalidate(state.path)
-    return StageRun(spec, cfg, state, upstream, inputs)
+    run = StageRun(spec, cfg, state, upstream, inputs)
+    _ACTIVE[stage] = run
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+#                                 Helpers shared by stages
+# ----------------------------------------------------------------------------------------------
+
+
+def shard_paths(manifest_dir: Path, manifest: Manifest) -> list[Path]:
+    """The ingest shards, in order, from an ingest manifest."""
+    return [Path(manifest_dir) / name for name in manifest.extra["shards"]]
+
+
+def load_vae_or_exit(cfg: ExperimentConfig, device: str = "cpu"):
+    """The configured VAE on `device`, or a UsageError that says how to provide its weights."""
+    from pipeline.vae.autoencoder import load_vae
+
+    try:
+        return load_vae(cfg.vae.name, cfg.vae.weights, device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"vae: {exc}") from None
+
+
+def store_outputs(reader, index) -> list[OutputEntry]:
+    """The manifest entries of a finished store (shape, dtype, bytes, sha256 over its shard files),
+    after checking that row i of the store (a StoreReader) is image i of the ingest shards (a ShardIndex)."""
+    keys = np.asarray(reader.array("keys")[:])
+    if list(map(str, keys)) != index.keys:
+        raise RuntimeError(f"store keys of {reader.path} do not match the ingest shards' keys")
+    reader.add_missing_checksums()  # a store resumed from ranges published before checksums existed
+    files, digests = reader.published_files(), reader.array_digests()
+    return [OutputEntry(name=s.name, kind="array", shape=[len(reader), *s.shape], dtype=s.dtype, count=len(reader),
+                        bytes=sum(f["bytes"] for f in files[s.name]), sha256=digests[s.name])
+            for s in reader.specs.values()]

@@ -17,32 +17,28 @@ and the noise is drawn on the CPU whatever the device, so a GPU draws the images
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from jobs.run import begin, device_or_exit, say
+from jobs.run import begin, device_or_exit, job, load_vae_or_exit, say
 from jobs.stage import UsageError
+from pipeline import faults
 from pipeline.models import build_model
+from pipeline.precision import autocast
+from pipeline.sampling import image_grid, sample_labels, samples_to_uint8
 from pipeline.sampling import sample as run_sampler
-from pipeline.sampling import sample_labels
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_npz
 from pipeline.stores.npz import open_npz_array, write_npz_streamed
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 # ----------------------------------------------------------------------------------------------
 #                                    Loading a trained run
@@ -86,38 +82,11 @@ def load_run_model(run_dir: Path, train_extra: dict, weights: str, device: torch
     return model.eval().requires_grad_(False).to(device)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3], ADM's quantisation (as REPA's generate.py):
-    clamp((x + 1) * 127.5, 0, 255) truncated towards zero by the uint8 cast, not rounded."""
-    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def sampling_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the model while sampling: None (fp32; TF32 matmuls on CUDA) for
-    sample.precision = fp32 and on CPU, else bf16 / fp16 on CUDA."""
-    return AUTOCAST.get(precision) if device.type == "cuda" else None
-
-
 def _part_images(files: list[Path]) -> Iterator[np.ndarray]:
     """The images of each drawn batch file, in order, one file open at a time."""
     for f in files:
         with np.load(f) as z:
             yield z["images"]
-
-
-def image_grid(images: np.ndarray, columns: int = 16) -> bytes:
-    """PNG bytes of a grid of uint8 [N,H,W,3] images (at most 8 rows)."""
-    n = min(len(images), columns * 8)
-    columns = min(columns, n)
-    rows = -(-n // columns)
-    h, w = images.shape[1:3]
-    canvas = np.zeros((rows * h, columns * w, 3), np.uint8)
-    for k in range(n):
-        r, c = divmod(k, columns)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = images[k]
-    buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +108,6 @@ class DrawPlan:
 
 def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
     """Draw batches `todo` (indices into plan.batches) and save each as parts/batch-{i}.npz."""
-    from jobs.encode import load_vae_or_exit
 
     cfg = ExperimentConfig.model_validate(plan.config)
     s = cfg.sample
@@ -149,13 +117,12 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
     num_classes = int(plan.train_extra["model_kwargs"]["num_classes"])
     c, h, w = model.in_channels, model.input_size, model.input_size
     labels = np.asarray(plan.labels, dtype=np.int64)
-    dtype = sampling_autocast(s.precision, device)
     if device.type == "cuda":  # REPA's generate.py: fp32 weights and activations, TF32 matmuls
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
     def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=dtype) if dtype else nullcontext():
+        with autocast(s.precision, device):
             return model(x, t, y).velocity.float()
 
     for i in todo:
@@ -168,8 +135,9 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
                             path=cfg.train.path, cfg_scale=s.cfg_scale,
                             guidance_low=s.guidance_low, guidance_high=s.guidance_high,
                             null_class=num_classes, generator=gen, heun_guidance=s.heun_guidance)
-            images = to_uint8(vae.decode(z))
+            images = samples_to_uint8(vae.decode(z))
         atomic_write_npz(Path(plan.parts) / f"batch-{i:06d}.npz", images=images, labels=labels[lo:hi])
+        faults.point("sample.batch")
         if tick is not None:
             tick(hi - lo)
     return sum(plan.batches[i][1] - plan.batches[i][0] for i in todo)
@@ -189,6 +157,7 @@ def _draw_ray(plan: DrawPlan, todo: list[int], num_workers: int, device: str, ba
             bar.update(ray.get(ready[0]))
 
 
+@job("sample")
 def sample(cfg: ExperimentConfig, force: bool = False) -> None:
     run = begin("sample", cfg, force)
     if run is None:

@@ -16,17 +16,15 @@ Recipe:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from jobs.encode import KEY_WIDTH, store_outputs
-from jobs.ingest import shard_paths
-from jobs.run import begin, device_or_exit, say
+from jobs.run import KEY_WIDTH, begin, device_or_exit, job, say, shard_paths, store_outputs
 from jobs.stage import UsageError
 from pipeline.launch.ranges import StoreJob, run_store_job
+from pipeline.precision import autocast
 from pipeline.stores.checksum import sha256_file
 from pipeline.stores.shards import ShardIndex
 from pipeline.stores.zarr_store import ArraySpec, StoreReader
@@ -34,8 +32,6 @@ from pipeline.teachers import dinov2
 from pipeline.teachers.probe import ProbeResult, probe
 from pipeline.teachers.quantize import dequantize, quantize_int8
 from schemas.config import ExperimentConfig, TeacherConfig
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_teacher_or_exit(t: TeacherConfig, device: str = "cpu") -> torch.nn.Module:
@@ -58,10 +54,8 @@ class TeacherExtractor:
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """fp32 (or autocast) features of one batch: tokens [B,T,D] and, if cached, hidden [B,P+T,D]."""
-        dtype = AUTOCAST.get(self.cfg.precision)
-        ctx = torch.autocast("cuda", dtype=dtype) if dtype and images.is_cuda else nullcontext()
         x = dinov2.preprocess(images, self.cfg.resolution)
-        with ctx:
+        with autocast(self.cfg.precision, images.device):
             if self.cfg.cache == "hidden":
                 hidden = dinov2.hidden_before(self.teacher, x, self.cfg.hidden_layer)
                 tokens, _ = dinov2.tail_forward(self.teacher, hidden, self.cfg.hidden_layer, ())
@@ -126,6 +120,7 @@ def teacher_probe(t: TeacherConfig, reader: StoreReader, index: ShardIndex, devi
     return probe(features, baseline, labels)
 
 
+@job("teacher")
 def teacher(cfg: ExperimentConfig, force: bool = False) -> None:
     run = begin("teacher", cfg, force)
     if run is None:
@@ -166,9 +161,10 @@ def teacher(cfg: ExperimentConfig, force: bool = False) -> None:
         if t.cache == "hidden":
             specs.append(ArraySpec("hidden" + suffix, (prefix + tokens_T, dim), "float16"))
     specs += [ArraySpec("labels", (), "int64"), ArraySpec("keys", (), f"<U{KEY_WIDTH}")]
-    job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
-                   cfg.stores.samples_per_shard, {**info, "fingerprint": run.fingerprint}, t.batch_size, KEY_WIDTH)
-    per_image = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs if s.name not in ("keys",))
+    store_job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
+                         cfg.stores.samples_per_shard, {**info, "fingerprint": run.fingerprint}, t.batch_size, KEY_WIDTH)
+    per_image = sum(s.nbytes for s in specs if s.name != "keys")
+    run.expect(len(index) * sum(s.nbytes for s in specs))
     say("teacher", f"{len(index)} images -> {t.name} {t.resolution}px, {grid[0]}x{grid[1]} tokens x {dim}, "
                    f"cache={t.cache} {t.dtype} ({per_image / 1024:.1f} KiB per image)")
 
@@ -179,9 +175,9 @@ def teacher(cfg: ExperimentConfig, force: bool = False) -> None:
     with torch.inference_mode():
         fidelity = storage_fidelity(extractor, torch.from_numpy(first).permute(0, 3, 1, 2).to(device))
     del extractor  # workers load their own copy
-    stats = run_store_job(job, index, TeacherExtractor(t, cfg.vae.flip), device=t.device, launcher=cfg.stores.launcher,
+    stats = run_store_job(store_job, index, TeacherExtractor(t, cfg.vae.flip), device=t.device, launcher=cfg.stores.launcher,
                           num_workers=cfg.stores.num_workers, desc="teacher", fresh=force)
-    reader = StoreReader(job.store)
+    reader = StoreReader(store_job.store)
     outputs = store_outputs(reader, index)
     checked = teacher_probe(t, reader, index, device)
     if checked is not None:

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.ingest import shard_paths
-from jobs.run import begin, say
+from jobs.plan import check_plan, model_kwargs
+from jobs.run import begin, job, load_vae_or_exit, say, shard_paths
 from jobs.stage import UsageError, probe_warning
 from schemas.config import ExperimentConfig
-from schemas.manifest import OutputEntry
+from schemas.manifest import OutputEntry, read_manifest
 
 RESULT = "result.json"
 
@@ -37,55 +37,6 @@ RESULT = "result.json"
 # ----------------------------------------------------------------------------------------------
 #                                   Validation before compute
 # ----------------------------------------------------------------------------------------------
-
-
-def model_kwargs(cfg: ExperimentConfig, latents_extra: dict[str, Any]) -> dict[str, Any]:
-    """Constructor arguments of the backbone: the latent geometry plus the model section."""
-    c, h, w = latents_extra["latent_shape"]
-    if h != w:
-        raise UsageError(f"latents are {h}x{w}; the backbones take square inputs")
-    kwargs = {"input_size": int(h), "in_channels": int(c) // 2, "num_classes": cfg.model.num_classes,
-              "class_dropout_prob": cfg.model.class_dropout, "use_rope": cfg.model.use_rope,
-              "use_swiglu": cfg.model.use_swiglu}
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def check_plan(cfg: ExperimentConfig, latents: dict[str, Any], teacher: dict[str, Any] | None,
-               kwargs: dict[str, Any]) -> None:
-    """Every compatibility check that needs no data: raises UsageError naming the key to change."""
-    from pipeline.align.registry import check_compatible
-    from pipeline.align.student import AlignmentError
-    from pipeline.models import build_model
-
-    classes = int(latents["num_classes"])
-    if classes > cfg.model.num_classes:
-        raise UsageError(f"model.num_classes = {cfg.model.num_classes}, but the dataset has {classes} classes: "
-                         f"set model.num_classes = {classes} (or more)")
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg.model.name, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"model: {exc}") from None
-    if cfg.train.align == "none":
-        return
-    assert teacher is not None
-    try:
-        check_compatible(cfg.train.align, model, cfg.align, teacher_dim=int(teacher["dim"]),
-                         teacher_grid=tuple(teacher["grid"]), teacher_heads=int(teacher["heads"]),
-                         teacher_depth=int(teacher["depth"]))
-    except AlignmentError as exc:
-        raise UsageError(str(exc)) from None
-    if cfg.train.align == "haste":
-        layers = cfg.align.teacher_layers
-        if teacher["cache"] == "tokens":
-            raise UsageError(
-                f"align = haste needs teacher attention maps of blocks {layers}, which teacher.cache = 'tokens' "
-                f"does not store: set teacher.cache = 'hidden' (teacher.hidden_layer <= {min(layers)}) or 'online' "
-                "and rerun `repa teacher`")
-        if teacher["cache"] == "hidden" and min(layers) < int(teacher["hidden_layer"]):
-            raise UsageError(
-                f"align.teacher_layers {layers} start before the cached teacher.hidden_layer = "
-                f"{teacher['hidden_layer']}: set teacher.hidden_layer <= {min(layers)} and rerun `repa teacher`")
 
 
 def check_stores(latents_store: Path, teacher_store: Path | None, teacher: dict[str, Any] | None,
@@ -130,7 +81,7 @@ def _moment_readers(store) -> list:
 
 def _teacher_readers(plan: dict[str, Any], variants: int) -> list | None:
     """One reader per moment variant: cached arrays, or the ingest images for an online teacher."""
-    from pipeline.align.registry import needs_cached_hidden
+    from pipeline.align.registry import objective_class
     from pipeline.stores.zarr_store import StoreReader
 
     info = plan["teacher"]
@@ -148,8 +99,9 @@ def _teacher_readers(plan: dict[str, Any], variants: int) -> list | None:
 
         return [lambda idx, f=bool(s): images(idx, f) for s in suffixes]
     store = StoreReader(plan["teacher_store"])
-    align = ExperimentConfig.model_validate(plan["config"]).train.align
-    keys = ["hidden"] if info["cache"] == "hidden" and needs_cached_hidden(align) else (
+    cfg = ExperimentConfig.model_validate(plan["config"])
+    attends = bool(objective_class(cfg.train.align).teacher_blocks(cfg.align))
+    keys = ["hidden"] if info["cache"] == "hidden" and attends else (
         ["tokens", "tokens_scale"] if info["dtype"] == "int8" else ["tokens"])
     if variants > 1 and not all(k + "_flip" in store.names for k in keys):
         suffixes = ["", ""]  # mirrored latents without mirrored teacher features: use the stored ones
@@ -158,8 +110,7 @@ def _teacher_readers(plan: dict[str, Any], variants: int) -> list | None:
 
 def _sample_fn(cfg: ExperimentConfig, run_dir: Path, device: torch.device, num_classes: int):
     """Save a grid of `train.grid` EMA samples (Euler ODE, 32 steps, fixed noise) at steps-done `step`."""
-    from jobs.encode import load_vae_or_exit
-    from jobs.sample import image_grid, to_uint8
+    from pipeline.sampling import image_grid, samples_to_uint8
     from pipeline.sampling import sample as run_sampler
     from pipeline.stores.atomic import atomic_write_bytes
 
@@ -175,7 +126,7 @@ def _sample_fn(cfg: ExperimentConfig, run_dir: Path, device: torch.device, num_c
             z = run_sampler(lambda x, t, yy: model(x, t, yy).velocity.float(), noise, y, sampler="ode", steps=32,
                             heun=False, path=cfg.train.path, cfg_scale=1.0, null_class=cfg.model.num_classes,
                             generator=gen)
-            images = to_uint8(vae.decode(z))
+            images = samples_to_uint8(vae.decode(z))
         atomic_write_bytes(out / f"step-{step:09d}.png", image_grid(images, columns=8))
 
     return fn
@@ -183,14 +134,14 @@ def _sample_fn(cfg: ExperimentConfig, run_dir: Path, device: torch.device, num_c
 
 def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
     """Train on one worker. `plan` is plain data (it crosses process and Ray boundaries)."""
-    from pipeline.align.registry import build_objective, needs_cached_hidden
+    from pipeline.align.registry import build_objective, objective_class
     from pipeline.align.trigger import build_trigger
     from pipeline.launch import current_context
     from pipeline.models import build_model
     from pipeline.stores.atomic import atomic_write_bytes
     from pipeline.stores.zarr_store import StoreReader
     from pipeline.teachers import dinov2
-    from pipeline.teachers.sources import build_teacher_source
+    from pipeline.teachers.target_sources import build_teacher_source
     from pipeline.train.data import TrainDataset
     from pipeline.train.loop import training_loop
 
@@ -206,14 +157,13 @@ def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
                            class_dropout=cfg.model.class_dropout, scale=plan["scale"],
                            time_sampling=t.time_sampling, path=t.path, teacher=teacher_readers)
 
-    info = plan["teacher"]
+    info, objective = plan["teacher"], objective_class(t.align)
     source = None
     if info is not None:
-        module = None
-        if info["cache"] == "online" or (info["cache"] == "hidden" and needs_cached_hidden(t.align)):
+        module, layers = None, objective.teacher_blocks(cfg.align)
+        if info["cache"] == "online" or (info["cache"] == "hidden" and layers):
             module = dinov2.load_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.resolution).to(device)
             module.eval().requires_grad_(False)
-        layers = cfg.align.teacher_layers if t.align == "haste" else ()
         src = build_teacher_source(cfg.teacher, module, layers).to(device)
         source = lambda arrays, step: src(arrays)  # noqa: E731
 
@@ -235,8 +185,10 @@ def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
         checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every,
         sample_every=t.sample_every,
         sample_fn=_sample_fn(cfg, run_dir, device, plan["num_classes"]) if ctx.rank == 0 and t.grid else None,
-        seed=t.seed, loader_workers=t.loader_workers, resume=plan["resume"],
-        trigger=build_trigger(t.align, cfg.align),
+        seed=t.seed, rank=ctx.rank, world_size=ctx.world_size, device=device,
+        loader_workers=t.loader_workers, resume=plan["resume"],
+        restore_dir=ctx.restore_dir, report_fn=ctx.report_fn,
+        trigger=build_trigger(objective, cfg.align),
         metadata={"model": plan["model"], "model_kwargs": json.dumps(plan["model_kwargs"])},
     )
     if ctx.rank == 0:
@@ -249,6 +201,7 @@ def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+@job("train")
 def train(cfg: ExperimentConfig, force: bool = False) -> None:
     run = begin("train", cfg, force)
     if run is None:
@@ -258,9 +211,6 @@ def train(cfg: ExperimentConfig, force: bool = False) -> None:
     teacher = run.inputs.get("teacher")
     kwargs = model_kwargs(cfg, latents.extra)
     check_plan(cfg, latents.extra, teacher.extra if teacher else None, kwargs)
-    if t.batch_size % (t.num_workers * t.grad_accum):
-        raise UsageError(f"train.batch_size = {t.batch_size} must split evenly over train.num_workers = "
-                         f"{t.num_workers} x train.grad_accum = {t.grad_accum}")
     run_dir = run.path.resolve()
     latents_store = run.upstream["latents"].path / "store.zarr"
     teacher_store = run.upstream["teacher"].path / "store.zarr" if teacher else None
@@ -273,7 +223,7 @@ def train(cfg: ExperimentConfig, force: bool = False) -> None:
         "latents_store": str(latents_store.resolve()),
         "teacher_store": str(teacher_store.resolve()) if teacher_store else None,
         "teacher": teacher.extra if teacher else None,
-        "shards": [str(p.resolve()) for p in shard_paths(ingest_dir, _ingest_manifest(ingest_dir))]
+        "shards": [str(p.resolve()) for p in shard_paths(ingest_dir, read_manifest(ingest_dir))]
         if teacher and teacher.extra["cache"] == "online" else [],
         "scale": float(latents.extra["scaling_factor"]),
         "num_classes": int(latents.extra["num_classes"]),
@@ -307,9 +257,3 @@ def train(cfg: ExperimentConfig, force: bool = False) -> None:
     run.finish(outputs, {k: result[k] for k in ("step", "loss", "steps_per_s", "images_per_s")},
                extra={"model": cfg.model.name, "model_kwargs": kwargs, "align": t.align,
                       "num_classes": plan["num_classes"], "run_dir": str(run_dir)})
-
-
-def _ingest_manifest(ingest_dir: Path):
-    from schemas.manifest import read_manifest
-
-    return read_manifest(ingest_dir)

@@ -20,7 +20,7 @@ def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-class Path:
+class Interpolant:
     """An interpolant between data (t=0) and Gaussian noise (t=1)."""
 
     name: str
@@ -54,7 +54,7 @@ class Path:
         return -eps / s
 
 
-class LinearPath(Path):
+class LinearInterpolant(Interpolant):
     """alpha = 1 - t, sigma = t, so v = eps - x0."""
 
     name = "linear"
@@ -66,7 +66,7 @@ class LinearPath(Path):
         return -torch.ones_like(t), torch.ones_like(t)
 
 
-class CosinePath(Path):
+class CosineInterpolant(Interpolant):
     """alpha = cos(pi t / 2), sigma = sin(pi t / 2) (variance preserving)."""
 
     name = "cosine"
@@ -79,8 +79,8 @@ class CosinePath(Path):
         return -h * torch.sin(h * t), h * torch.cos(h * t)
 
 
-def get_path(name: PathName) -> Path:
-    paths = {"linear": LinearPath, "cosine": CosinePath}
+def get_interpolant(name: PathName) -> Interpolant:
+    paths = {"linear": LinearInterpolant, "cosine": CosineInterpolant}
     if name not in paths:
         raise ValueError(f"unknown path {name!r}; expected one of {sorted(paths)}")
     return paths[name]()

@@ -1,8 +1,8 @@
 """The experiment config: one pydantic section per stage, loaded from a TOML file.
 
 Every section forbids unknown keys, so a typo is an error that names the key instead of a silent
-default. Fields are grouped by the stage that reads them; `STAGE_KEYS` in `jobs.stages` says which
-fields enter each stage's fingerprint.
+default. Fields are grouped by the stage that reads them; jobs/layout.py says which fields enter
+each stage's fingerprint.
 """
 
 from __future__ import annotations
@@ -11,9 +11,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.names import MODELS, VAES, timm_name
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _one_of(value: str, names, what: str) -> str:
+    """`value` if it is a known name (schemas/names.py), else ValueError listing them."""
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}: valid names are {', '.join(names)}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,6 +60,8 @@ class VaeConfig(Section):
     precision: Precision = "fp32"  # autocast dtype of the VAE encoder on CUDA
     device: Device = "auto"
 
+    _known = field_validator("name")(lambda v: _one_of(v, VAES, "VAE"))
+
 
 class TeacherConfig(Section):
     name: str = "dinov2_vitb14"  # dinov2_vit{s,b,l,g}14 with optional _reg suffix
@@ -63,6 +74,12 @@ class TeacherConfig(Section):
     batch_size: int = Field(64, ge=1)
     precision: Precision = "fp32"  # autocast dtype of the teacher forward on CUDA
     device: Device = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        timm_name(v)  # raises ValueError naming the allowed names
+        return v
 
 
 class StoresConfig(Section):
@@ -82,6 +99,8 @@ class ModelConfig(Section):
     class_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # label dropout for classifier-free guidance
     use_rope: bool | None = None  # None = the architecture's default
     use_swiglu: bool | None = None  # None = the architecture's default
+
+    _known = field_validator("name")(lambda v: _one_of(v, MODELS, "model"))
 
 
 class AlignConfig(Section):
@@ -144,6 +163,13 @@ class TrainConfig(Section):
     grid: int = Field(64, ge=0)  # images in each progress grid (0 = no grids: a CPU run's 64-image tail)
     loader_workers: int = Field(0, ge=0)  # DataLoader worker processes per training worker
     max_failures: int = Field(3, ge=0)  # Ray: worker-group restarts before giving up
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainConfig:
+        if self.batch_size % (self.num_workers * self.grad_accum):
+            raise ValueError(f"train.batch_size = {self.batch_size} must split evenly over train.num_workers = "
+                             f"{self.num_workers} x train.grad_accum = {self.grad_accum}")
+        return self
 
     @property
     def total_steps(self) -> int:

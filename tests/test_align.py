@@ -25,7 +25,7 @@ from pipeline.align import (
     build_trigger,
     check_compatible,
     manifold_loss,
-    needs_cached_hidden,
+    objective_class,
     repa_loss,
 )
 from pipeline.models.output import ModelOutput
@@ -315,14 +315,14 @@ def test_repa_loss_composition_and_gradients_stop_at_aligned_block():
     assert model.calls[-2] == (2, ())  # the objective's call (fm_ref made the last one)
 
     model.zero_grad()
-    terms = obj.terms(model, batch, teacher, 0)
+    terms = obj.terms(model, batch, teacher, aligned=True)
     terms.parts["repa"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.projector.parameters())
     for i, block in enumerate(model.blocks):
         reached = block.weight.grad is not None and block.weight.grad.abs().sum() > 0
         assert reached == (i < 2), f"block {i} (1-indexed {i + 1}), align_depth 2"
     assert model.out.weight.grad is None and model.embed.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="needs teacher targets"):
+    with pytest.raises(ValueError, match="pass its TeacherTargets"):
         obj(model, batch, None, 0)
 
 
@@ -369,7 +369,7 @@ def test_haste_phase_one_terms():
     torch.manual_seed(0)
     model, batch, teacher = TinyStudent(heads=3), make_batch(), make_teacher(heads=2)
     obj = haste(model, coeff=0.5, attn_coeff=0.25)
-    assert obj.teacher_attention_layers() == (8, 9) and obj.needs_teacher(4)
+    assert HASTE.teacher_blocks(cfg()) == (8, 9) and obj.needs_teacher(4)
     loss, logs = obj(model, batch, teacher, 4)
     assert model.calls[-1] == (2, (0, 1)) and set(logs) == {"loss", "fm", "repa", "attn"}
     torch.testing.assert_close(loss, logs["fm"] + 0.5 * logs["repa"] + 0.25 * logs["attn"])
@@ -447,7 +447,12 @@ def test_registry_errors():
     for align in ("none", "repa", "urepa", "haste"):
         check_compatible(align, TinyStudent(), cfg(), teacher_depth=12, **kw)
     assert issubclass(AlignmentError, ValueError)
-    assert needs_cached_hidden("haste") and not needs_cached_hidden("urepa")
+    # what the data path and the fingerprint read from the classes
+    assert [objective_class(a).reads_teacher for a in ("none", "repa", "urepa", "haste")] == [False, True, True, True]
+    assert [objective_class(a).teacher_blocks(cfg()) for a in ("none", "repa", "urepa")] == [(), (), ()]
+    assert set(REPA.config_fields) < set(URepa.config_fields) and "tau" in HASTE.config_fields
+    assert "manifold_weight" not in HASTE.config_fields and FlowMatching.config_fields == ()
+    assert all(set(c.config_fields) <= set(AlignConfig.model_fields) for c in (REPA, URepa, HASTE))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,16 +474,16 @@ def test_gradient_angle_trigger():
     # independent: the same cosine by hand at one probe time
     single = GradientAngleTrigger(0, 1, times=(0.5,))
     block = list(model.blocks[1].parameters())
-    terms = obj.aligned_terms(model, {**batch, "t": torch.full((3,), 0.5)}, teacher)
+    terms = obj.terms(model, {**batch, "t": torch.full((3,), 0.5)}, teacher, aligned=True)
     ga = torch.cat([g.flatten() for g in torch.autograd.grad(terms.align, block, retain_graph=True)])
     gf = torch.cat([g.flatten() for g in torch.autograd.grad(terms.fm, block)])
     assert single.check(model, obj, batch, teacher) == pytest.approx(
         (ga @ gf / (ga.norm() * gf.norm())).item(), abs=1e-5
     )
 
-    always = GradientAngleTrigger(start=10, every=5, threshold=2.0)
-    assert always.maybe_terminate(11, model, obj, batch, teacher) is None and obj.needs_teacher(11)
-    assert always.maybe_terminate(15, model, obj, batch, teacher) is not None
+    assert obj.needs_teacher(15)
+    obj.terminate(15)
+    obj.terminate(20)  # the first call wins
     assert not obj.needs_teacher(16) and obj.terminated_at == 15
     buf = io.BytesIO()
     torch.save(obj.state_dict(), buf)
@@ -486,8 +491,9 @@ def test_gradient_angle_trigger():
     resumed = haste(model, tau=1000)
     resumed.load_state_dict(torch.load(buf, weights_only=True))
     assert not resumed.needs_teacher(16)
-    assert build_trigger("haste", cfg(trigger="gradient-angle")).every == cfg().trigger_every
-    assert build_trigger("haste", cfg()) is None and build_trigger("repa", cfg(trigger="gradient-angle")) is None
+    assert build_trigger(HASTE, cfg(trigger="gradient-angle")).every == cfg().trigger_every
+    assert build_trigger(obj, cfg(trigger="gradient-angle")).start == cfg().trigger_start
+    assert build_trigger(HASTE, cfg()) is None and build_trigger(REPA, cfg(trigger="gradient-angle")) is None
 
 
 # ----------------------------------------------------------------------------------------------

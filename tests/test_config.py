@@ -81,7 +81,7 @@ def test_missing_config_file_exits_2(tmp_path):
 @pytest.mark.parametrize("recipe", ["repa", "urepa", "haste"])
 def test_paper_recipes_pass_the_checks_before_compute(recipe):
     """The ImageNet-256 recipes fit SD-VAE latents [8, 32, 32] and DINOv2-B/14's geometry at 224px."""
-    from jobs.train import check_plan, model_kwargs
+    from jobs.plan import check_plan, model_kwargs
 
     cfg = load_config(ROOT / "configs" / f"imagenet256-{recipe}.toml")
     latents = {"latent_shape": [8, 32, 32], "num_classes": 1000}
@@ -95,3 +95,28 @@ def test_paper_recipes_pass_the_checks_before_compute(recipe):
     if recipe == "haste":
         with pytest.raises(UsageError, match="teacher.cache"):
             check_plan(cfg, latents, {**teacher, "cache": "tokens"}, kwargs)
+
+
+def test_stage_jobs_are_siblings():
+    # A stage module may use the stage framework (jobs.stage, jobs.run, jobs.layout, jobs.lock) and the
+    # library, never another stage: shared helpers live in the framework or in pipeline/.
+    import ast
+
+    framework = {"jobs", "jobs.stage", "jobs.run", "jobs.layout", "jobs.lock", "jobs.plan"}
+    stages = {"ingest", "encode", "teacher", "train", "sample", "evaluate", "compare", "report"}
+    for name in stages:
+        tree = ast.parse((ROOT / "jobs" / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jobs"):
+                imported |= {node.module} if node.module != "jobs" else {f"jobs.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names if a.name.startswith("jobs")}
+        assert imported <= framework, f"jobs/{name}.py imports {sorted(imported - framework)}"
+
+
+def test_batch_must_split_over_workers_and_micro_batches():
+    with pytest.raises(ConfigError, match="must split evenly"):
+        load_config(str(ROOT / "configs" / "demo.toml"), ["train.num_workers=3"])
+    cfg = load_config(str(ROOT / "configs" / "demo.toml"), ["train.num_workers=2", "train.grad_accum=2"])
+    assert cfg.train.batch_size % 4 == 0

@@ -16,8 +16,8 @@ from PIL import Image
 
 from jobs.ingest import ingest
 from jobs.layout import states
-from pipeline.data.center_crop import adm_center_crop
-from pipeline.data.sources import FashionMnistSource, ImageFolderSource, fit_small
+from pipeline.datasets.center_crop import adm_center_crop
+from pipeline.datasets.sources import FashionMnistSource, ImageFolderSource, fit_small
 from pipeline.stores.shards import iter_shard
 from schemas.loading import load_config
 from tests.conftest import ROOT, repa

@@ -447,8 +447,7 @@ class _RecordedImages:
 
 
 def test_inception_features_stream_statistics_and_keep_only_what_is_asked():
-    from jobs.evaluate import inception_features
-    from jobs.stage import UsageError
+    from pipeline.metrics.features import inception_features
 
     images = np.random.default_rng(6).integers(0, 256, (23, 4, 4, 3), dtype=np.uint8)
     flat = torch.from_numpy(images).permute(0, 3, 1, 2).flatten(1).double().numpy()
@@ -466,7 +465,7 @@ def test_inception_features_stream_statistics_and_keep_only_what_is_asked():
     assert none_kept["pool"].shape[0] == 0 and "mu" not in none_kept
     one = inception_features(_PixelFeatures(), images[:1], 5, torch.device("cpu"), "test", stats=False)
     assert one["pool"].shape == (1, 6)  # precision/recall features of a single image are fine
-    with pytest.raises(UsageError, match="at least 2"):
+    with pytest.raises(ValueError, match="at least 2"):
         inception_features(_PixelFeatures(), images[:1], 5, torch.device("cpu"), "test")
 
 

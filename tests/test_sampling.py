@@ -19,8 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.sample import sampling_autocast, to_uint8
-from pipeline.sampling import class_balanced_labels, sample, sample_labels, uniform_random_labels
+from pipeline.precision import autocast_dtype
+from pipeline.sampling import (
+    class_balanced_labels,
+    sample,
+    sample_labels,
+    samples_to_uint8,
+    uniform_random_labels,
+)
 from pipeline.sampling.samplers import label_generator
 
 MEAN = torch.tensor([1.5, -0.5], dtype=torch.float64)
@@ -370,9 +376,9 @@ def test_sde_increments_are_the_generators_cpu_draws():
 
 def test_sampling_precision_is_fp32_unless_asked():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert sampling_autocast("fp32", cuda) is None  # REPA's generate.py: no autocast, TF32 matmuls
-    assert sampling_autocast("bf16", cuda) is torch.bfloat16 and sampling_autocast("fp16", cuda) is torch.float16
-    assert sampling_autocast("bf16", cpu) is None  # CPU runs in fp32, as training does
+    assert autocast_dtype("fp32", cuda) is None  # REPA's generate.py: no autocast, TF32 matmuls
+    assert autocast_dtype("bf16", cuda) is torch.bfloat16 and autocast_dtype("fp16", cuda) is torch.float16
+    assert autocast_dtype("bf16", cpu) is None  # CPU runs in fp32, as training does
 
 
 def test_pixels_are_quantised_as_adm_does():
@@ -380,7 +386,7 @@ def test_pixels_are_quantised_as_adm_does():
     # Written out with numpy: floor of the clipped value (all values are >= 0 after the clip).
     x = torch.tensor([-2.0, -1.0, -0.999, -0.5, 0.0, 0.003, 0.5, 0.99, 0.999, 1.0, 3.0])
     x = x.view(1, 1, 1, -1).expand(1, 3, 1, -1).contiguous()
-    got = to_uint8(x)
+    got = samples_to_uint8(x)
     ref = np.floor(np.clip((x.numpy().astype(np.float32) + 1) * np.float32(127.5), 0, 255)).astype(np.uint8)
     assert got.shape == (1, 1, 11, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, ref.transpose(0, 2, 3, 1))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pipeline.stores.zarr_store import ArraySpec, StoreReader, StoreWriter
 from pipeline.teachers import dinov2
 from pipeline.teachers.quantize import dequantize, quantize_int8
-from pipeline.teachers.sources import CachedHidden, CachedTokens, Online, build_teacher_source
+from pipeline.teachers.target_sources import CachedHidden, CachedTokens, Online, build_teacher_source
 
 RES = 56  # 4x4 patch tokens
 

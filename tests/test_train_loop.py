@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.align.base import FlowMatching, LossTerms, flow_matching_loss
+from pipeline.align.base import FlowMatching
 from pipeline.launch import WorkerContext, current_context, launch, set_context
 from pipeline.models.output import ModelOutput
 from pipeline.teachers.targets import TeacherTargets
@@ -97,12 +97,18 @@ def rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def from_context(ctx: WorkerContext) -> dict:
+    """The loop's arguments a launcher's worker context supplies (the loop itself reads no context)."""
+    return dict(rank=ctx.rank, world_size=ctx.world_size, device=ctx.device or "cpu", report_fn=ctx.report_fn,
+                restore_dir=ctx.restore_dir)
+
+
 def train_fn(config: dict) -> dict:
-    """What a launcher runs per worker: rank and world size come from the worker context."""
+    """What a launcher runs per worker: rank, world size, device, ... come from the worker context."""
     ctx = current_context()
     assert torch.distributed.is_initialized() == (ctx.world_size > 1) or ctx.launcher == "ray"
     return training_loop(**loop_args(config["run_dir"], steps=config["steps"], checkpoint_every=config["steps"],
-                                     grad_accum=config.get("grad_accum", 1)))
+                                     grad_accum=config.get("grad_accum", 1), **from_context(ctx)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,26 +294,55 @@ def test_resume_from_a_launcher_restored_checkpoint(tmp_path):
     restored.mkdir()
     shutil.copy(tmp_path / "first" / "checkpoints" / "step-000000003.pt", restored)
     reports = []
-    set_context(WorkerContext(restore_dir=str(restored), report_fn=lambda m, p: reports.append((m["step"], p))))
-    try:
-        training_loop(**loop_args(tmp_path / "second"))
-    finally:
-        set_context(None)
+    training_loop(**loop_args(tmp_path / "second", restore_dir=str(restored),
+                              report_fn=lambda m, p: reports.append((m["step"], p))))
     assert [r["step"] for r in rows(tmp_path / "second")] == [4, 5, 6]
     assert reports == [(6, str(tmp_path / "second" / "checkpoints" / "step-000000006.pt"))]
     a, b = load_file(full / "model.safetensors"), load_file(tmp_path / "second" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_loop_reads_no_global_worker_context(tmp_path):
+    """Rank, world size, device, report_fn and restore_dir are arguments only: an installed context
+    (here one that would resume from a restored checkpoint and report) changes nothing."""
+    training_loop(**loop_args(tmp_path / "first", steps=3))
+    reports = []
+    set_context(WorkerContext(rank=1, world_size=2, restore_dir=str(tmp_path / "first"),
+                              report_fn=lambda m, p: reports.append(m["step"])))
+    try:
+        training_loop(**loop_args(tmp_path / "second", steps=3))
+    finally:
+        set_context(None)
+    assert [r["step"] for r in rows(tmp_path / "second")] == [1, 2, 3]  # started at 0, as rank 0 of 1
+    assert reports == []
+
+
+def test_rank_and_world_size_must_match_the_process_group(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match=r"training_loop\(rank=1, world_size=2\) but torch.distributed runs 1"):
+            training_loop(**loop_args(tmp_path, rank=1, world_size=2))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 class NanAt(FlowMatching):
+    """Flow matching whose loss is NaN at step `bad_step`."""
+
     def __init__(self, bad_step: int):
         super().__init__()
         self.bad_step = bad_step
 
-    def terms(self, model, batch, teacher, step):
-        x_t, target = self.noised(batch)
-        fm = flow_matching_loss(self.call_model(model, x_t, batch).velocity, target)
-        return LossTerms(fm=fm * float("nan") if step == self.bad_step else fm)
+    def forward(self, model, batch, teacher, step):
+        loss, logs = super().forward(model, batch, teacher, step)
+        if step == self.bad_step:
+            loss = loss * float("nan")
+        return loss, {**logs, "loss": loss.detach()}
 
 
 def test_nan_found_at_a_later_sync_point_names_its_own_step(tmp_path):
@@ -328,21 +363,23 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-class TeacherUntil(FlowMatching):
-    """Needs teacher targets for steps < tau and records the steps that got them."""
+class TeacherUntil(nn.Module):
+    """Needs teacher targets for steps < tau and records the steps that got them; the loss is plain
+    flow matching (the loop's objective interface: forward(model, batch, teacher, step), needs_teacher)."""
 
     def __init__(self, tau: int):
         super().__init__()
         self.tau, self.seen = tau, []
+        self.fm = FlowMatching()
 
     def needs_teacher(self, step):
         return step < self.tau
 
-    def terms(self, model, batch, teacher, step):
+    def forward(self, model, batch, teacher, step):
         if teacher is not None:
             assert teacher.tokens.shape == (batch["x0"].shape[0], 4, 8)
             self.seen.append(step)
-        return super().terms(model, batch, teacher, step)
+        return self.fm(model, batch, None, step)
 
 
 def test_no_teacher_data_after_switch_off(tmp_path):
@@ -358,6 +395,90 @@ def test_no_teacher_data_after_switch_off(tmp_path):
     assert obj.seen == [0, 1] and ds.teacher_reads == 2 and ds.teacher.calls == 2
     ds, obj = run(7)  # resumes at step 5, past tau
     assert obj.seen == [] and ds.teacher_reads == 0 and ds.teacher.calls == 0
+
+
+class RecordingReader(TokenReader):
+    """A teacher reader that appends the sample indices of each call to a file: it runs in whichever
+    process builds the batch, loader processes included."""
+
+    def __init__(self, tokens: np.ndarray, log: Path):
+        super().__init__(tokens)
+        self.log = log
+
+    def __call__(self, indices):
+        with open(self.log, "a") as f:
+            f.write(" ".join(str(int(i)) for i in indices) + "\n")
+        return super().__call__(indices)
+
+
+class Terminable(TeacherUntil):
+    """HASTE-like: aligns until `terminate(step)` (called by the trigger in the training process) or
+    tau; records every batch and teacher it is given."""
+
+    def __init__(self, tau: int = 100):
+        super().__init__(tau)
+        self.stopped_at, self.batches = None, {}
+
+    def needs_teacher(self, step):
+        return step < self.tau and (self.stopped_at is None or step < self.stopped_at)
+
+    def terminate(self, step):
+        self.stopped_at = self.stopped_at if self.stopped_at is not None else step
+
+    def forward(self, model, batch, teacher, step):
+        self.batches[step] = ({k: v.clone() for k, v in batch.items()},
+                              teacher.tokens.clone() if teacher is not None else None)
+        return super().forward(model, batch, teacher, step)
+
+
+class StopTrigger:
+    """The loop's trigger interface: checks after `checks` updates; the one at `stop` switches alignment off."""
+
+    threshold = 0.0
+
+    def __init__(self, checks: tuple[int, ...], stop: int | None):
+        self.checks, self.stop = checks, stop
+
+    def should_check(self, done):
+        return done in self.checks
+
+    def check(self, model, objective, batch, teacher):
+        return -1.0 if len(objective.batches) == self.stop else 0.5  # batches seen = updates done
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("switch", ["tau", "trigger", "checks only"])
+def test_no_teacher_bytes_are_read_after_switch_off_with_loader_workers(tmp_path, workers, switch):
+    # alignment ends at step 4: by tau, or by the trigger's check after 4 updates (it also checks after
+    # 2); "checks only": the checks never stop it. Loader processes must read no teacher arrays for a
+    # step >= 4, however far ahead they prefetch, and every step must see the batch the data defines.
+    steps, end = 10, 4
+    tokens = np.random.default_rng(0).normal(size=(N, 4, 8)).astype(np.float16)
+    log = tmp_path / "reads.txt"
+    log.touch()
+    obj = Terminable(tau=end if switch == "tau" else 100)
+    trigger = None if switch == "tau" else StopTrigger((2, end), stop=end if switch == "trigger" else None)
+    training_loop(**loop_args(tmp_path / "run", steps=steps, checkpoint_every=steps, loader_workers=workers,
+                              dataset=dataset(teacher=RecordingReader(tokens, log)), build_objective=lambda m: obj,
+                              teacher_source=lambda arrays, step: TeacherTargets(tokens=arrays["tokens"].float()),
+                              trigger=trigger))
+
+    reference = dataset().layout(8)
+    step_of = {tuple(np.unique(reference.indices(s))): s for s in range(steps)}
+    assert len(step_of) == steps  # every step reads a different set of samples
+    read = sorted(step_of[tuple(int(i) for i in line.split())] for line in log.read_text().splitlines())
+    aligned = end if switch != "checks only" else steps
+    probes = [] if trigger is None else [0, 0]  # each check probes with step 0's samples
+    assert read == sorted(list(range(aligned)) + probes)
+    assert sorted(obj.batches) == list(range(steps))
+    for s, (batch, teacher) in obj.batches.items():  # the batches are the data's, teacher or not
+        item = reference.item(s)
+        for key in ("x0", "eps", "t", "y", "index", "flip"):
+            assert torch.equal(batch[key], item[key]), (s, key)
+        if s < aligned:
+            assert torch.equal(teacher, torch.from_numpy(tokens[item["index"].numpy()]).float()), s
+        else:
+            assert teacher is None, s
 
 
 class ProbeSpy:
@@ -509,7 +630,8 @@ def crash_once_fn(config: dict) -> dict:
                 shutil.rmtree(Path(config["run_dir"]) / "checkpoints")
             raise RuntimeError(f"rank {ctx.rank} fails on purpose after step {step}")
 
-    return training_loop(**loop_args(config["run_dir"], steps=config["steps"], checkpoint_every=2, report_fn=report))
+    return training_loop(**loop_args(config["run_dir"], steps=config["steps"], checkpoint_every=2,
+                                     **{**from_context(ctx), "report_fn": report}))
 
 
 @pytest.mark.slow

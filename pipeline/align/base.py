@@ -8,28 +8,33 @@ batch:   dict with x0 [B,C,H,W] (clean latent), eps [B,C,H,W] (noise), t [B] (ti
          y [B] (labels, label dropout already applied).
 teacher: pipeline.teachers.targets.TeacherTargets for this batch, or None when needs_teacher(step)
          is False.
-It builds x_t = alpha_t x0 + sigma_t eps and the velocity target from the interpolant path, calls the
-model once, and returns the total loss (0-d float32) and detached 0-d logs ("loss", "fm", and the
-alignment terms that were computed). Nothing in forward synchronises with the host.
 
-Besides the call, the training loop reads:
-    needs_teacher(step)          whether to load teacher targets for this step;
-    teacher_attention_layers()   the 0-indexed teacher blocks whose logits the targets must carry;
-    align_depth                  the resolved 1-indexed student block that is aligned (None: none).
-A subclass states what it needs from the student and the teacher in the classmethod `validate`,
-which the registry also calls before any compute is spent (raising student.AlignmentError).
+Every objective runs one pipeline (`Objective.terms`): x_t = alpha_t x0 + sigma_t eps and the
+velocity target from the interpolant, ONE model call (asking for the hidden tokens of `align_depth`
+and the attention logits of `attn_layers` only while aligning), the flow-matching loss, then the
+subclass's hook `alignment_terms(out, teacher)` for the weighted extra terms. forward returns the
+total loss (0-d float32) and detached 0-d logs ("loss", "fm", and the alignment terms that were
+computed). Nothing in forward synchronises with the host.
+
+What the rest of the pipeline reads, declared on the class so that no job branches on a method name:
+    reads_teacher        whether training reads a teacher store at all;
+    config_fields        the align.* fields that shape the result (they enter the run fingerprint);
+    teacher_blocks(cfg)  the 0-indexed teacher blocks whose attention logits the targets must carry;
+    validate(...)        what the method needs from the student and the teacher, before any compute;
+and on an instance: needs_teacher(step) and align_depth (the resolved 1-indexed aligned block).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
 
-from pipeline.flow import Path, get_path
+from pipeline.flow import Interpolant, get_interpolant
 from pipeline.models.output import ModelOutput
 from pipeline.teachers.targets import TeacherTargets
+from schemas.config import AlignConfig
 
 BATCH_KEYS = ("x0", "eps", "t", "y")
 
@@ -69,77 +74,59 @@ class LossTerms(NamedTuple):
 
 
 class Objective(nn.Module):
-    """Flow matching plus the alignment terms a subclass adds in `terms`."""
+    """Flow matching; a subclass adds its weighted alignment terms in `alignment_terms`."""
 
-    align_depth: int | None = None
+    reads_teacher: ClassVar[bool] = False
+    config_fields: ClassVar[tuple[str, ...]] = ()
+    align_depth: int | None = None  # 1-indexed student block whose tokens the hook reads (None: none)
+    attn_layers: tuple[int, ...] = ()  # 0-indexed student blocks whose attention logits it reads
 
     def __init__(self, path: str = "linear"):
         super().__init__()
         self.path_name = path
-        self.path: Path = get_path(path)
+        self.path: Interpolant = get_interpolant(path)
 
     @classmethod
-    def validate(
-        cls,
-        model: nn.Module,
-        cfg,
-        *,
-        teacher_dim: int | None = None,
-        teacher_grid: tuple[int, int] | None = None,
-        teacher_heads: int | None = None,
-        teacher_depth: int | None = None,
-    ) -> None:
+    def validate(cls, model: nn.Module, cfg: AlignConfig, *, teacher_dim: int | None = None,
+                 teacher_grid: tuple[int, int] | None = None, teacher_heads: int | None = None,
+                 teacher_depth: int | None = None) -> None:
         """Raise student.AlignmentError when this objective cannot train `model` with this teacher."""
 
-    # -- what the data path must provide -------------------------------------------------------
-
-    def needs_teacher(self, step: int) -> bool:
-        """Whether forward at `step` reads teacher targets (False: pass teacher=None)."""
-        return False
-
-    def teacher_attention_layers(self) -> tuple[int, ...]:
+    @classmethod
+    def teacher_blocks(cls, cfg: AlignConfig) -> tuple[int, ...]:
         """0-indexed teacher blocks whose attention logits TeacherTargets.attn_logits must carry."""
         return ()
 
-    # -- the pieces -----------------------------------------------------------------------------
+    def needs_teacher(self, step: int) -> bool:
+        """Whether forward at `step` aligns, i.e. reads teacher targets (False: pass teacher=None)."""
+        return False
 
-    def noised(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t [B,C,H,W] and the target velocity [B,C,H,W] of a batch on this objective's path."""
+    # -- the pipeline ---------------------------------------------------------------------------
+
+    def terms(self, model: nn.Module, batch: dict[str, torch.Tensor], teacher: TeacherTargets | None,
+              aligned: bool) -> LossTerms:
+        """fm and, when `aligned`, the alignment terms: noise, one model call, losses."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise ValueError(f"batch lacks keys {missing}; an objective needs {list(BATCH_KEYS)}")
         x0, eps, t = batch["x0"], batch["eps"], batch["t"]
         if eps.shape != x0.shape or t.ndim != 1 or t.shape[0] != x0.shape[0]:
-            raise ValueError(
-                f"batch shapes disagree: x0 {tuple(x0.shape)}, eps {tuple(eps.shape)}, t {tuple(t.shape)} "
-                "(expected eps like x0 and t [B])"
-            )
-        return self.path.interpolate(x0, eps, t), self.path.velocity(x0, eps, t)
+            raise ValueError(f"batch shapes disagree: x0 {tuple(x0.shape)}, eps {tuple(eps.shape)}, "
+                             f"t {tuple(t.shape)} (expected eps like x0 and t [B])")
+        x_t, target = self.path.interpolate(x0, eps, t), self.path.velocity(x0, eps, t)
+        if not aligned:
+            out = model(x_t, t, batch["y"], align_depth=None, attn_layers=())
+            return LossTerms(fm=flow_matching_loss(out.velocity, target))
+        if teacher is None:
+            raise ValueError(f"{type(self).__name__} aligns at this step (needs_teacher(step) is True): "
+                             "pass its TeacherTargets, not None")
+        out = model(x_t, t, batch["y"], align_depth=self.align_depth, attn_layers=self.attn_layers)
+        align, parts = self.alignment_terms(out, teacher)
+        return LossTerms(fm=flow_matching_loss(out.velocity, target), align=align, parts=parts)
 
-    def call_model(
-        self,
-        model: nn.Module,
-        x_t: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        align_depth: int | None = None,
-        attn_layers: tuple[int, ...] = (),
-    ) -> ModelOutput:
-        """The single forward pass of a training step."""
-        return model(x_t, batch["t"], batch["y"], align_depth=align_depth, attn_layers=attn_layers)
-
-    def terms(
-        self,
-        model: nn.Module,
-        batch: dict[str, torch.Tensor],
-        teacher: TeacherTargets | None,
-        step: int,
-    ) -> LossTerms:
-        """Flow matching only: one model call without alignment outputs."""
-        x_t, target = self.noised(batch)
-        out = self.call_model(model, x_t, batch)
-        return LossTerms(fm=flow_matching_loss(out.velocity, target))
-
-    # -- the step -------------------------------------------------------------------------------
+    def alignment_terms(self, out: ModelOutput, teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The hook: (weighted sum of the alignment terms 0-d, unweighted terms by log name)."""
+        raise NotImplementedError(f"{type(self).__name__} has no alignment terms")
 
     def forward(
         self,
@@ -149,7 +136,7 @@ class Objective(nn.Module):
         step: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss 0-d, detached logs). loss = fm (+ the weighted alignment terms)."""
-        parts = self.terms(model, batch, teacher, step)
+        parts = self.terms(model, batch, teacher, aligned=self.needs_teacher(step))
         loss = parts.fm if parts.align is None else parts.fm + parts.align
         logs = {"loss": loss.detach(), "fm": parts.fm.detach()}
         logs.update({name: value.detach() for name, value in parts.parts.items()})

@@ -19,21 +19,17 @@ computed. A teacher passed anyway is ignored, never read. Termination is stored 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
-from pipeline.align.base import LossTerms, flow_matching_loss
-from pipeline.align.losses import attention_ce
+from pipeline.align.losses import attention_ce, repa_loss
 from pipeline.align.repa import REPA
-from pipeline.align.student import (
-    AlignmentError,
-    FeatureSite,
-    check_attention_layers,
-    check_teacher_layers,
-    teacher_geometry,
-)
+from pipeline.align.student import AlignmentError, FeatureSite, check_attention_layers, check_teacher_layers
 from pipeline.models.output import ModelOutput
 from pipeline.teachers.targets import TeacherTargets
+from schemas.config import AlignConfig
 
 
 class HASTE(REPA):
@@ -42,21 +38,13 @@ class HASTE(REPA):
     Parameters: the projector. Buffers: `stopped_at` (0-d int64, -1 = not terminated).
     """
 
-    align_name = "haste"
+    config_fields: ClassVar[tuple[str, ...]] = REPA.config_fields + (
+        "attn_coeff", "student_layers", "teacher_layers", "tau", "trigger", "trigger_start", "trigger_every",
+        "trigger_threshold")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        cfg,
-        *,
-        path: str = "linear",
-        teacher_dim: int | None,
-        teacher_grid: tuple[int, int] | None,
-        teacher_heads: int | None,
-    ):
-        super().__init__(model, cfg, path=path, teacher_dim=teacher_dim, teacher_grid=teacher_grid,
-                         teacher_heads=teacher_heads)
-        self.student_layers = tuple(int(s) for s in cfg.student_layers)
+    def __init__(self, site: FeatureSite, cfg: AlignConfig, *, teacher_heads: int, **teacher):
+        super().__init__(site, cfg, teacher_heads=teacher_heads, **teacher)
+        self.attn_layers = tuple(int(s) for s in cfg.student_layers)
         self.teacher_layers = tuple(int(t) for t in cfg.teacher_layers)
         self.teacher_heads = int(teacher_heads)
         self.attn_coeff = float(cfg.attn_coeff)
@@ -65,41 +53,29 @@ class HASTE(REPA):
         self._stopped_at: int | None = None  # host copy of the buffer, read without a device sync
 
     @classmethod
-    def validate(
-        cls,
-        model: nn.Module,
-        cfg,
-        *,
-        teacher_dim: int | None = None,
-        teacher_grid: tuple[int, int] | None = None,
-        teacher_heads: int | None = None,
-        teacher_depth: int | None = None,
-    ) -> FeatureSite:
-        """REPA's checks, plus: attention layers that pair with the teacher's (heads, grid, range)."""
+    def validate(cls, model: nn.Module, cfg: AlignConfig, *, teacher_dim: int | None = None,
+                 teacher_grid: tuple[int, int] | None = None, teacher_heads: int | None = None,
+                 teacher_depth: int | None = None) -> FeatureSite:
+        """REPA's checks, plus: attention layers that pair with the teacher's (heads, grid, range).
+
+        (The config itself pairs student_layers with teacher_layers one to one.)
+        """
         site = super().validate(model, cfg, teacher_dim=teacher_dim, teacher_grid=teacher_grid)
-        _, grid = teacher_geometry(cls.align_name, teacher_dim, teacher_grid)
-        if len(cfg.student_layers) != len(cfg.teacher_layers):
-            raise AlignmentError(
-                f"align.student_layers {list(cfg.student_layers)} and align.teacher_layers "
-                f"{list(cfg.teacher_layers)} must pair up one to one (same length)"
-            )
         if not cfg.student_layers:
             raise AlignmentError("align=haste needs at least one layer pair in align.student_layers / teacher_layers")
-        check_attention_layers(model, cfg.student_layers, teacher_heads=teacher_heads, teacher_grid=grid)
+        check_attention_layers(model, cfg.student_layers, teacher_heads=teacher_heads, teacher_grid=teacher_grid)
         check_teacher_layers(cfg.teacher_layers, teacher_depth)
         return site
 
+    @classmethod
+    def teacher_blocks(cls, cfg: AlignConfig) -> tuple[int, ...]:
+        return tuple(int(t) for t in cfg.teacher_layers)
+
     # -- phase ----------------------------------------------------------------------------------
 
-    def alignment_active(self, step: int) -> bool:
+    def needs_teacher(self, step: int) -> bool:
         """True in phase I: before tau and before any terminate()."""
         return self._stopped_at is None and step < self.tau
-
-    def needs_teacher(self, step: int) -> bool:
-        return self.alignment_active(step)
-
-    def teacher_attention_layers(self) -> tuple[int, ...]:
-        return self.teacher_layers
 
     def terminate(self, step: int) -> None:
         """Switch alignment off for good from `step` on (the first call wins)."""
@@ -117,62 +93,36 @@ class HASTE(REPA):
         value = int(self.stopped_at.item())  # once per load, not per step
         self._stopped_at = None if value < 0 else value
 
-    # -- the pieces -----------------------------------------------------------------------------
+    # -- the terms ------------------------------------------------------------------------------
 
-    def check_teacher(self, teacher: TeacherTargets | None, batch_size: int) -> TeacherTargets:
-        teacher = super().check_teacher(teacher, batch_size)
+    def attention_loss(self, out: ModelOutput, teacher: TeacherTargets) -> torch.Tensor:
+        """Unweighted attention term: attention_ce averaged over the layer pairs."""
+        if len(out.attn_logits) != len(self.attn_layers):
+            raise ValueError(
+                f"the model returned {len(out.attn_logits)} attention logits for attn_layers="
+                f"{list(self.attn_layers)}; its forward must honour attn_layers"
+            )
         t = self.teacher_grid[0] * self.teacher_grid[1]
-        want = (batch_size, self.teacher_heads, t, t)
+        want = (out.velocity.shape[0], self.teacher_heads, t, t)
         shapes = [tuple(x.shape) for x in teacher.attn_logits]
         if len(shapes) != len(self.teacher_layers) or any(s != want for s in shapes):
             raise ValueError(
                 f"align=haste needs teacher attention logits of blocks {list(self.teacher_layers)}, each "
                 f"{list(want)}; got {len(shapes)} tensors of shapes {shapes} (is teacher.cache hidden or "
-                "online, and were teacher_attention_layers() requested?)"
-            )
-        return teacher
-
-    def attention_loss(self, out: ModelOutput, teacher: TeacherTargets) -> torch.Tensor:
-        """Unweighted attention term: attention_ce averaged over the layer pairs."""
-        if len(out.attn_logits) != len(self.student_layers):
-            raise ValueError(
-                f"the model returned {len(out.attn_logits)} attention logits for attn_layers="
-                f"{list(self.student_layers)}; its forward must honour attn_layers"
+                "online, and were the objective's teacher_blocks requested?)"
             )
         h = self.teacher_heads
         losses = [attention_ce(s[:, :h], t) for s, t in zip(out.attn_logits, teacher.attn_logits, strict=True)]
         return torch.stack(losses).mean()
 
-    def aligned_terms(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], teacher: TeacherTargets | None
-    ) -> LossTerms:
-        x_t, target = self.noised(batch)
-        teacher = self.check_teacher(teacher, x_t.shape[0])
-        out = self.call_model(model, x_t, batch, align_depth=self.align_depth, attn_layers=self.student_layers)
-        repa = self.feature_loss(out, teacher)
+    def alignment_terms(self, out: ModelOutput, teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        repa = repa_loss(self.project(out, teacher), teacher.tokens)
         attn = self.attention_loss(out, teacher)
-        return LossTerms(
-            fm=flow_matching_loss(out.velocity, target),
-            align=self.coeff * repa + self.attn_coeff * attn,
-            parts={"repa": repa, "attn": attn},
-        )
-
-    def terms(
-        self,
-        model: nn.Module,
-        batch: dict[str, torch.Tensor],
-        teacher: TeacherTargets | None,
-        step: int,
-    ) -> LossTerms:
-        if self.alignment_active(step):
-            return self.aligned_terms(model, batch, teacher)
-        x_t, target = self.noised(batch)  # phase II: `teacher` is ignored
-        out = self.call_model(model, x_t, batch)
-        return LossTerms(fm=flow_matching_loss(out.velocity, target))
+        return self.coeff * repa + self.attn_coeff * attn, {"repa": repa, "attn": attn}
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, student_layers={list(self.student_layers)}, "
+            f"{super().extra_repr()}, student_layers={list(self.attn_layers)}, "
             f"teacher_layers={list(self.teacher_layers)}, teacher_heads={self.teacher_heads}, "
             f"attn_coeff={self.attn_coeff}, tau={self.tau}"
         )

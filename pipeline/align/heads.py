@@ -1,6 +1,6 @@
 """What sits between a student's hidden tokens and the teacher's: the projector and the grid adapter.
 
-U-REPA's order (METHODS.md): the projector MLP runs FIRST, per token, on the student's own grid; the
+U-REPA's order (arXiv 2503.18414): the projector MLP runs FIRST, per token, on the student's own grid; the
 projected map is THEN resized to the teacher's patch grid. The same resize maps any student grid to
 any teacher grid, up or down, so REPA with mismatched grids uses it too.
 """
@@ -105,8 +105,6 @@ class GridAdapter(nn.Module):
 
     def __init__(self, src_grid: tuple[int, int], dst_grid: tuple[int, int], mode: ResizeMode = "bilinear"):
         super().__init__()
-        if mode not in RESIZE_MODES:
-            raise ValueError(f"GridAdapter: mode={mode!r} is not one of {RESIZE_MODES}")
         self.src_grid = _check_grid("src_grid", src_grid)
         self.dst_grid = _check_grid("dst_grid", dst_grid)
         self.mode = mode

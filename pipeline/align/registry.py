@@ -15,6 +15,7 @@ from pipeline.align.haste import HASTE
 from pipeline.align.repa import REPA
 from pipeline.align.student import AlignmentError
 from pipeline.align.urepa import URepa
+from schemas.config import AlignConfig
 
 OBJECTIVES: dict[str, type[Objective]] = {"none": FlowMatching, "repa": REPA, "urepa": URepa, "haste": HASTE}
 
@@ -26,33 +27,23 @@ def objective_class(align: str) -> type[Objective]:
     return OBJECTIVES[align]
 
 
-def needs_teacher_store(align: str) -> bool:
-    """Whether training with `align` reads teacher targets at all."""
-    return objective_class(align) is not FlowMatching
-
-
-def needs_cached_hidden(align: str) -> bool:
-    """Whether `align` needs teacher attention logits, i.e. teacher.cache = "hidden" or "online"."""
-    return objective_class(align) is HASTE
-
-
 def check_compatible(
     align: str,
     model: nn.Module,
-    cfg,
+    cfg: AlignConfig,
     *,
     teacher_dim: int | None,
     teacher_grid: tuple[int, int] | None,
     teacher_heads: int | None,
     teacher_depth: int | None = None,
-) -> None:
+):
     """Raise AlignmentError (one line naming the key and the fix) if `align` cannot train `model`.
 
-    cfg: schemas.config.AlignConfig. teacher_*: width D, patch grid (gh, gw), heads and number of
-    blocks of the teacher (teacher_depth None = not checked). Builds nothing.
+    teacher_*: width D, patch grid (gh, gw), heads and number of blocks of the teacher (teacher_depth
+    None = not checked). Builds nothing; returns what the class's validate resolved (the feature site).
     """
     try:
-        objective_class(align).validate(
+        return objective_class(align).validate(
             model, cfg, teacher_dim=teacher_dim, teacher_grid=teacher_grid,
             teacher_heads=teacher_heads, teacher_depth=teacher_depth,
         )
@@ -65,7 +56,7 @@ def check_compatible(
 def build_objective(
     align: str,
     model: nn.Module,
-    cfg,
+    cfg: AlignConfig,
     *,
     path: str,
     teacher_dim: int | None,
@@ -80,7 +71,6 @@ def build_objective(
     cls = objective_class(align)
     if cls is FlowMatching:
         return FlowMatching(path)
-    check_compatible(align, model, cfg, teacher_dim=teacher_dim, teacher_grid=teacher_grid,
-                     teacher_heads=teacher_heads)
-    return cls(model, cfg, path=path, teacher_dim=teacher_dim, teacher_grid=teacher_grid,
-               teacher_heads=teacher_heads)
+    site = check_compatible(align, model, cfg, teacher_dim=teacher_dim, teacher_grid=teacher_grid,
+                            teacher_heads=teacher_heads)
+    return cls(site, cfg, path=path, teacher_dim=teacher_dim, teacher_grid=teacher_grid, teacher_heads=teacher_heads)

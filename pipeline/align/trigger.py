@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.teachers.targets import TeacherTargets
+from schemas.config import AlignConfig
 
 PROBE_TIMES = (0.02, 0.1, 0.5, 0.8)
 
@@ -83,8 +84,7 @@ class GradientAngleTrigger:
         probe_teacher: the teacher targets of that batch.
         """
         model = getattr(model, "module", model)
-        aligned_terms = getattr(objective, "aligned_terms", None)
-        if not callable(aligned_terms):
+        if getattr(objective, "align_depth", None) is None:
             raise ValueError(f"trigger: objective {type(objective).__name__} has no alignment term to probe")
         params = [p for p in self.probe_block(model, objective).parameters() if p.requires_grad]
         x0 = probe_batch["x0"]
@@ -92,31 +92,12 @@ class GradientAngleTrigger:
         with torch.enable_grad():
             for t in self.times:
                 batch = {**probe_batch, "t": torch.full((x0.shape[0],), t, device=x0.device, dtype=x0.dtype)}
-                terms = aligned_terms(model, batch, probe_teacher)
+                terms = objective.terms(model, batch, probe_teacher, aligned=True)
                 g_align = _flat_grad(terms.align, params, retain_graph=True)
                 g_fm = _flat_grad(terms.fm, params, retain_graph=False)
                 cosines.append(torch.nn.functional.cosine_similarity(g_align, g_fm, dim=0, eps=1e-12))
         self.last = float(torch.stack(cosines).mean().clamp(-1.0, 1.0).item())
         return self.last
-
-    def maybe_terminate(
-        self,
-        step: int,
-        model: nn.Module,
-        objective: nn.Module,
-        probe_batch: dict[str, torch.Tensor],
-        probe_teacher: TeacherTargets,
-    ) -> float | None:
-        """At a check step while aligning: measure, terminate the objective below threshold.
-
-        Returns the measured cosine, or None when nothing was measured.
-        """
-        if not self.should_check(step) or not objective.needs_teacher(step):
-            return None
-        value = self.check(model, objective, probe_batch, probe_teacher)
-        if value < self.threshold:
-            objective.terminate(step)
-        return value
 
     def __repr__(self) -> str:
         return (
@@ -133,10 +114,9 @@ def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: boo
     ])
 
 
-def build_trigger(align: str, cfg) -> GradientAngleTrigger | None:
-    """The trigger an align config asks for: only align=haste with align.trigger="gradient-angle"."""
-    if align != "haste" or cfg.trigger == "off":
+def build_trigger(objective: type | nn.Module, cfg: AlignConfig) -> GradientAngleTrigger | None:
+    """The trigger an align config asks for: align.trigger = "gradient-angle" on an objective that can
+    stop aligning (HASTE's `terminate`)."""
+    if cfg.trigger == "off" or not callable(getattr(objective, "terminate", None)):
         return None
-    if cfg.trigger != "gradient-angle":
-        raise ValueError(f"align.trigger={cfg.trigger!r} is not one of ('off', 'gradient-angle')")
     return GradientAngleTrigger(cfg.trigger_start, cfg.trigger_every, cfg.trigger_threshold)

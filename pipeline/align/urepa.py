@@ -17,51 +17,33 @@ B x B across the batch).
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
+from typing import ClassVar
 
-from pipeline.align.base import LossTerms, flow_matching_loss
-from pipeline.align.losses import MANIFOLD_OVER, manifold_loss, repa_loss
+import torch
+
+from pipeline.align.losses import manifold_loss, repa_loss
 from pipeline.align.repa import REPA
+from pipeline.align.student import FeatureSite
+from pipeline.models.output import ModelOutput
 from pipeline.teachers.targets import TeacherTargets
+from schemas.config import AlignConfig
 
 
 class URepa(REPA):
     """Flow matching plus U-REPA's projected-feature and manifold terms. Parameters: the projector."""
 
-    align_name = "urepa"
+    config_fields: ClassVar[tuple[str, ...]] = REPA.config_fields + ("manifold_weight", "manifold_over")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        cfg,
-        *,
-        path: str = "linear",
-        teacher_dim: int | None,
-        teacher_grid: tuple[int, int] | None,
-        teacher_heads: int | None = None,
-    ):
-        super().__init__(model, cfg, path=path, teacher_dim=teacher_dim, teacher_grid=teacher_grid,
-                         teacher_heads=teacher_heads)
-        if cfg.manifold_over not in MANIFOLD_OVER:
-            raise ValueError(f"align.manifold_over={cfg.manifold_over!r} is not one of {MANIFOLD_OVER}")
+    def __init__(self, site: FeatureSite, cfg: AlignConfig, **teacher):
+        super().__init__(site, cfg, **teacher)
         self.manifold_weight = float(cfg.manifold_weight)
         self.manifold_over = cfg.manifold_over
 
-    def aligned_terms(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], teacher: TeacherTargets | None
-    ) -> LossTerms:
-        x_t, target = self.noised(batch)
-        teacher = self.check_teacher(teacher, x_t.shape[0])
-        out = self.call_model(model, x_t, batch, align_depth=self.align_depth)
-        student = self.project(self.student_output(out))  # [B, T, D] on the teacher grid
+    def alignment_terms(self, out: ModelOutput, teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        student = self.project(out, teacher)  # [B, T, D] on the teacher grid
         repa = repa_loss(student, teacher.tokens)
         manifold = manifold_loss(student, teacher.tokens, over=self.manifold_over)
-        return LossTerms(
-            fm=flow_matching_loss(out.velocity, target),
-            align=self.coeff * (repa + self.manifold_weight * manifold),
-            parts={"repa": repa, "manifold": manifold},
-        )
+        return self.coeff * (repa + self.manifold_weight * manifold), {"repa": repa, "manifold": manifold}
 
     def extra_repr(self) -> str:
         return (

@@ -34,6 +34,7 @@ import torch.nn as nn
 from pipeline.models.sit import SiT
 from pipeline.models.sit_down import SiTDown
 from pipeline.models.unet import UNet
+from schemas.names import MODELS
 
 # ----------------------------------------------------------------------------------------------
 #                                        The table
@@ -66,22 +67,23 @@ _UNET_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def _table() -> dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]]:
-    """name -> (class, constructor kwargs)."""
-    table: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {}
-    for size, kwargs in _SIT_SIZES.items():
-        for patch in (2, 4) if size == "T" else (2, 4, 8):
-            table[f"SiT-{size}/{patch}"] = (SiT, dict(kwargs, patch_size=patch,
-                                                       default_align_depth=SIT_ALIGN_DEPTH[size]))
-    for size, kwargs in _SIT_DOWN_SIZES.items():
-        for patch in (2, 4) if size in ("T", "XS") else (2,):
-            table[f"SiTDown-{size}/{patch}"] = (SiTDown, dict(kwargs, patch_size=patch))
-    for size, kwargs in _UNET_SIZES.items():
-        table[f"UNet-{size}"] = (UNet, dict(kwargs))
-    return table
+# The names and their (architecture, size, patch) are in schemas/names.py (MODELS), so that a config
+# can be checked without torch; this is what each architecture name builds.
+ARCHITECTURES: dict[str, type[nn.Module]] = {"SiT": SiT, "SiTDown": SiTDown, "UNet": UNet}
 
 
-_MODELS = _table()
+def _constructor_kwargs(cls: type[nn.Module], size: str, patch: int | None) -> dict[str, Any]:
+    if cls is SiT:
+        return dict(_SIT_SIZES[size], patch_size=patch, default_align_depth=SIT_ALIGN_DEPTH[size])
+    if cls is SiTDown:
+        return dict(_SIT_DOWN_SIZES[size], patch_size=patch)
+    return dict(_UNET_SIZES[size])
+
+
+_MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
+    name: (ARCHITECTURES[arch], _constructor_kwargs(ARCHITECTURES[arch], size, patch))
+    for name, (arch, size, patch) in MODELS.items()
+}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,14 +28,8 @@ Switches (both on by default, as in the paper's model):
 - use_swiglu: SwiGLU feed-forward with hidden width 2/3 * 4C rounded up to a multiple of 8, which
   has the parameter count of the GELU MLP (4C), so neither switch moves the parameter count.
 
-Parameter counts (4-channel 32x32 latents, 1000 classes + null class, default switches, counted on
-the meta device): B 190.7M, L 668.5M, XL 943.4M, i.e. -4.5%, -2.6%, -1.1% against the published
-199.7M / 686.6M / 954.4M. B cannot reach 3% without parameters this reading has no place for. The
-published numbers are matched once the REPA projector (Linear(C, 2048) - SiLU - Linear(2048, 2048) -
-SiLU - Linear(2048, 768): 7.3M / 7.9M / 8.1M) is counted, as REPA-style code does by keeping the
-projector inside the model: 198.0M (-0.8%), 676.4M (-1.5%), 951.6M (-0.3%). This project keeps the
-projector in the alignment head (pipeline/align/heads.py), outside the backbone. Neither switch moves
-the count (RoPE has no parameters, SwiGLU is parameter-matched).
+Parameters (4x32x32 latents, 1000 classes): B 190.7M, L 668.5M, XL 943.4M without the alignment
+projector, which lives in pipeline/align/heads.py (README compares them with the published counts).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Reverse-time SDE (derivation)
         x <- x - h * (v - 0.5 w score) + sqrt(w h) * z,   z ~ N(0, I).
     The score term therefore moves x towards higher density and the injected noise is balanced by
     it: any w(t) >= 0 leaves the marginals unchanged (w = 0 is the ODE). We use w(t) = 2t, and
-    the score comes from the velocity (Path.score_from_velocity).
+    the score comes from the velocity (Interpolant.score_from_velocity).
     Grid: Euler-Maruyama on t = linspace(1, 0.04, steps), then one last deterministic step from
     t = 0.04 to 0 (the score is singular at t = 0). `sde_last_step` chooses that step:
       "mean" (default): the noise-free Euler-Maruyama step, x <- x - h (v - 0.5 w score), i.e. the
@@ -60,7 +60,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline.flow import Path, PathName, get_path
+from pipeline.flow import Interpolant, PathName, get_interpolant
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SamplerName = Literal["ode", "sde"]
@@ -182,7 +182,7 @@ def integrate_sde(
     field: GuidedVelocity,
     x: torch.Tensor,
     steps: int,
-    path: Path,
+    path: Interpolant,
     generator: torch.Generator | None,
     last_step: LastStep,
 ) -> torch.Tensor:
@@ -263,7 +263,7 @@ def sample(
         raise ValueError(f"noise must be a floating-point tensor, got dtype={noise.dtype}")
     if y.shape != noise.shape[:1]:
         raise ValueError(f"y must have shape [B] = [{noise.shape[0]}], got {list(y.shape)}")
-    flow_path = get_path(path)
+    flow_path = get_interpolant(path)
     field = GuidedVelocity(
         velocity_fn, y,
         cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,

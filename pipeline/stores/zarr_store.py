@@ -59,6 +59,7 @@ import zarr
 import zarr.codecs
 from tqdm import tqdm
 
+from pipeline import faults
 from pipeline.stores.atomic import PathLike, atomic_write_json, fsync_dir
 from pipeline.stores.checksum import combined_digest, sha256_file
 
@@ -120,6 +121,11 @@ class ArraySpec:
             )
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "dtype", dtype.str if dtype.kind in "US" else dtype.name)
+
+    @property
+    def nbytes(self) -> int:
+        """Uncompressed bytes of one sample of this array."""
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -313,10 +319,12 @@ class StoreWriter:
                 entry = {"key": move.key, "bytes": move.src.stat().st_size, "sha256": sha256_file(move.src)}
                 os.replace(move.src, move.dst)
                 files.setdefault(move.name, []).append(entry)
+                faults.point("store.publish")
             for parent in {move.dst.parent for move in moves}:
                 fsync_dir(parent)
             marker = {"start": start, "stop": stop, "files": files}
             atomic_write_json(self.path / RANGES_DIR / f"{start}-{stop}", marker)
+            faults.point("store.range")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

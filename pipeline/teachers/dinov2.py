@@ -5,7 +5,7 @@ teacher resolution so that its position embedding covers a (resolution // 14)^2 
 layout inside the model: [prefix | patches] where prefix = CLS, then R register tokens (R = 0 or 4),
 and the T = gh * gw patch tokens follow in row-major grid order.
 
-Read-outs used by the alignment objectives (see METHODS.md):
+Read-outs used by the alignment objectives (pipeline/align):
     patch_tokens     x_norm_patchtokens: final LayerNorm applied, prefix tokens dropped  [B, T, D]
     hidden_before    the residual stream entering block k, prefix kept                  [B, P+T, D]
     attention_logits (q * scale) @ k^T of one block over the patch tokens only           [B, H, T, T]
@@ -27,21 +27,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-PATCH_SIZE = 14
+from schemas.names import PATCH_SIZE, TEACHERS, timm_name
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Meta's torch.hub names -> timm model names (pretrained tag lvd142m: the LVD-142M DINOv2 weights).
-TEACHERS: dict[str, str] = {
-    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
-    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
-    "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
-    "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
-    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
-    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
-    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
-    "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2.lvd142m",
-}
 
 # Layer scale given to every block of a randomly initialised teacher (see `_random_init`).
 _RANDOM_LAYER_SCALE = 0.5
@@ -50,20 +39,6 @@ _RANDOM_LAYER_SCALE = 0.5
 # ----------------------------------------------------------------------------------------------
 #                                       Names and loading
 # ----------------------------------------------------------------------------------------------
-
-
-def timm_name(name: str) -> str:
-    """The timm model name for a Meta hub name (`dinov2_vitb14`) or a timm name (with or without tag)."""
-    if name in TEACHERS:
-        return TEACHERS[name]
-    timm_names = set(TEACHERS.values())
-    if name in timm_names:
-        return name
-    tagged = f"{name}.lvd142m"
-    if tagged in timm_names:
-        return tagged
-    allowed = sorted(TEACHERS) + sorted(timm_names)
-    raise ValueError(f"teacher name {name!r} is unknown; allowed: {', '.join(allowed)}")
 
 
 def load_teacher(name: str, weights: str = "hub", resolution: int = 224, *, seed: int = 0) -> VisionTransformer:

@@ -1,12 +1,14 @@
-"""Training: per-step batches (data), the loop, checkpoints, EMA and metrics logging.
+"""Training: per-step batches (data), the loop and its update, checkpoints, EMA and metrics logging.
 
-    training_loop(run_dir=..., build_model=..., build_objective=..., dataset=TrainDataset(...), steps=...)
-runs under any launcher in pipeline.launch.
+    training_loop(run_dir=..., build_model=..., build_objective=..., dataset=TrainDataset(...), steps=...,
+                  rank=ctx.rank, world_size=ctx.world_size, device=ctx.device, ...)
+runs under any launcher in pipeline.launch; the launcher's WorkerContext is read by the caller, not here.
+`train_step` is one optimiser update of that loop.
 """
 
 from pipeline.train.data import TrainDataset
 from pipeline.train.ema import EMA
 from pipeline.train.logging import MetricsLogger
-from pipeline.train.loop import training_loop
+from pipeline.train.loop import train_step, training_loop
 
-__all__ = ["EMA", "MetricsLogger", "TrainDataset", "training_loop"]
+__all__ = ["EMA", "MetricsLogger", "TrainDataset", "train_step", "training_loop"]

@@ -8,8 +8,17 @@ Every file is written to a temporary sibling, fsynced and renamed into place, so
 leaves a truncated checkpoint that `latest` could pick. Checkpoints hold only tensors and plain
 containers of primitives and load with `torch.load(weights_only=True)`.
 
-A checkpoint dict holds: step, model, ema, optimizer, objective, scaler, rng (see `rng_state`),
-data (seed, batch_size, step: the data position), world_size.
+A checkpoint dict (`training_state`) holds, in this order:
+    step        int: optimiser steps done
+    model       backbone state_dict
+    ema         EMA.state_dict(): float32 tensors keyed like model
+    optimizer   AdamW state_dict (backbone's then objective's trainable parameters)
+    objective   objective state_dict (projectors, HASTE's `stopped_at`)
+    scaler      GradScaler state_dict, {} without fp16
+    rng         torch / CUDA / numpy / python states (see `rng_state`)
+    world_size  int: workers of the run that wrote it
+    data        {seed, batch_size, step}: the data position (pipeline.train.data)
+`save_training_state` writes one, `load_training_state` restores one into a freshly built run.
 """
 
 from __future__ import annotations
@@ -18,14 +27,17 @@ import contextlib
 import os
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_with
+from pipeline.train.ema import EMA
 
 PathLike = str | os.PathLike
 CHECKPOINT_DIR = "checkpoints"
@@ -65,6 +77,17 @@ def latest(run_dir: PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_path(resume: str, run_dir: PathLike, restore_dir: PathLike | None = None) -> Path | None:
+    """The checkpoint a run starts from: resume = auto (newest of run_dir and restore_dir, a launcher's
+    restored checkpoint folder) | never (None) | the path of a checkpoint file."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return Path(resume)
+    found = [p for p in (latest(run_dir), latest(restore_dir) if restore_dir else None) if p]
+    return max(found, key=step_of) if found else None
+
+
 def prune(run_dir: PathLike, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints of `run_dir`; returns the deleted paths."""
     if keep < 1:
@@ -74,6 +97,12 @@ def prune(run_dir: PathLike, keep: int) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     return old
+
+
+def remove_all(run_dir: PathLike) -> None:
+    """Delete every checkpoint of `run_dir` (a run started over with resume='never')."""
+    for old in list_checkpoints(Path(run_dir) / CHECKPOINT_DIR):
+        old.unlink()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +129,92 @@ def load(path: PathLike) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to resume "
                          "from the previous one") from e
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        Training state
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What `load_training_state` hands back besides the restored modules."""
+
+    step: int  # optimiser steps done: the run continues with step index `step`
+    rng: dict[str, Any]  # `rng_state()` at save time; the loop restores it with `set_rng_state`
+    path: Path  # the checkpoint file
+
+
+def training_state(
+    *,
+    step: int,  # optimiser steps done
+    model: nn.Module,  # the bare backbone (not DDP-wrapped or compiled)
+    ema: EMA,  # EMA of the backbone
+    optimizer: torch.optim.Optimizer,  # the run's AdamW
+    objective: nn.Module,  # the objective (projectors, HASTE's termination buffer)
+    scaler: torch.amp.GradScaler | None,  # fp16 grad scaler, None without one
+    world_size: int,  # workers of this run
+    data_seed: int,  # TrainDataset.seed
+    batch_size: int,  # global batch size
+) -> dict[str, Any]:
+    """The checkpoint dict (module docstring); RNG states are taken now."""
+    return {
+        "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": rng_state(), "world_size": world_size,
+        "data": {"seed": data_seed, "batch_size": batch_size, "step": step},
+    }
+
+
+def save_training_state(
+    run_dir: PathLike,
+    step: int,
+    *,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    objective: nn.Module,
+    scaler: torch.amp.GradScaler | None,
+    world_size: int,
+    data_seed: int,
+    batch_size: int,
+    keep: int | None = None,  # newest checkpoints kept (None = all)
+) -> Path:
+    """Write `training_state(...)` (arguments as there) as checkpoints/step-{step:09d}.pt; returns its path."""
+    state = training_state(step=step, model=model, ema=ema, optimizer=optimizer, objective=objective,
+                           scaler=scaler, world_size=world_size, data_seed=data_seed, batch_size=batch_size)
+    return save(run_dir, step, state, keep=keep)
+
+
+def load_training_state(
+    path: PathLike,
+    *,
+    model: nn.Module,  # restored in place, like every module below
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    objective: nn.Module,
+    scaler: torch.amp.GradScaler | None,
+    data_seed: int,  # must match the checkpoint's: another seed or batch size changes the data order
+    batch_size: int,
+) -> Restored:
+    """Load a checkpoint written by `save_training_state` into a freshly built run (RNG: see Restored)."""
+    path = Path(path)
+    state = load(path)
+    data = state["data"]
+    if (data["seed"], data["batch_size"]) != (data_seed, batch_size):
+        raise ValueError(
+            f"checkpoint {path} was written with data seed {data['seed']} and batch size "
+            f"{data['batch_size']}, this run has {data_seed} and {batch_size}: resuming would change the "
+            "data order; use a new run directory or resume='never'"
+        )
+    model.load_state_dict(state["model"])
+    objective.load_state_dict(state["objective"])
+    optimizer.load_state_dict(state["optimizer"])
+    ema.load_state_dict(state["ema"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return Restored(step=int(state["step"]), rng=state["rng"], path=path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,3 +267,10 @@ def export_safetensors(path: PathLike, tensors: dict[str, torch.Tensor], metadat
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     atomic_write_bytes(final, safetensors_bytes(plain, metadata={k: str(v) for k, v in metadata.items()}))
     return final
+
+
+def export_weights(run_dir: PathLike, model: nn.Module, ema: EMA, step: int, metadata: dict[str, str]) -> Path:
+    """ema.safetensors and model.safetensors with {model, step, **metadata}; returns the EMA file."""
+    meta = {"model": str(getattr(model, "name", "") or type(model).__name__), "step": str(step), **metadata}
+    export_safetensors(Path(run_dir) / "model.safetensors", model.state_dict(), meta)
+    return export_safetensors(Path(run_dir) / "ema.safetensors", ema.state_dict(), meta)

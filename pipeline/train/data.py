@@ -25,6 +25,12 @@ samples were mirrored.
 
 `TrainDataset` is a map-style torch Dataset whose item s is worker r's share of step s, so a
 DataLoader(batch_size=None, sampler=range(start_step, steps)) resumes anywhere.
+
+Teacher reads under loader processes. A loader process holds a copy of the dataset made when its
+iterator started, so a decision the training process takes later (HASTE's termination) would never
+reach it. `loader(..., read_teacher=f)` therefore keys items (step, f(step)): f is called in the
+training process when the DataLoader hands step s to a loader process (up to prefetch_factor x
+workers steps ahead), and the process reads teacher arrays for s only if f said so.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.flow import sample_time
 
@@ -76,8 +82,8 @@ class TrainDataset(Dataset):
 
     x0 [b,c,h,w] float32 (scaled latent), eps [b,c,h,w] float32, t [b] float32, y [b] int64 (label
     dropout applied), index [b] int64 (sample rows), flip [b] int64 (moment variant), and
-    teacher {name: tensor [b, ...]} only when a teacher reader is given and needs_teacher(s) holds.
-    b = batch_size / world_size.
+    teacher {name: tensor [b, ...]} only when a teacher reader is given and needs_teacher(s) holds (for
+    a key (s, flag): when flag holds). b = batch_size / world_size.
     """
 
     def __init__(
@@ -169,8 +175,10 @@ class TrainDataset(Dataset):
 
     # -- one batch --------------------------------------------------------------------------------
 
-    def __getitem__(self, step: int) -> dict:
-        return self.item(step)
+    def __getitem__(self, key: int | tuple[int, bool | None]) -> dict:
+        """Item `step`, or (step, teacher) as StepSampler yields it (see `item`)."""
+        step, teacher = key if isinstance(key, tuple) else (key, None)
+        return self.item(step, teacher)
 
     def item(self, step: int, teacher: bool | None = None) -> dict:
         """Item `step`; teacher: read the teacher arrays (True), not (False), or when needs_teacher(step)
@@ -215,12 +223,14 @@ class TrainDataset(Dataset):
         if teacher is None:
             teacher = self.needs_teacher is None or self.needs_teacher(step)
         if self.teacher is not None and teacher:
-            self.teacher_reads += 1
-            batch["teacher"] = self._teacher_arrays(idx, flip)
+            batch["teacher"] = self.teacher_arrays(idx, flip)
         return batch
 
-    def _teacher_arrays(self, idx: np.ndarray, flip: np.ndarray) -> dict[str, torch.Tensor]:
-        """Teacher arrays of each sample's own variant (mirrored samples get the mirrored image's)."""
+    def teacher_arrays(self, idx: np.ndarray | torch.Tensor, flip: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: [b, ...]} teacher arrays of the samples `idx` [b] in their variants `flip` [b] (an item's
+        "index" and "flip"; mirrored samples get the mirrored image's); one teacher read."""
+        idx, flip = np.asarray(idx, dtype=np.int64), np.asarray(flip, dtype=np.int64)
+        self.teacher_reads += 1
         out: dict[str, np.ndarray] = {}
         for v in np.unique(flip):
             sel = np.flatnonzero(flip == v)
@@ -233,9 +243,35 @@ class TrainDataset(Dataset):
 
     # -- loading ----------------------------------------------------------------------------------
 
-    def loader(self, start_step: int, steps: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    def loader(
+        self,
+        start_step: int,  # first item
+        steps: int,  # one past the last item
+        workers: int = 0,  # loader processes (0 = items are built in this process, when asked for)
+        pin_memory: bool = False,  # page-locked batches (for CUDA)
+        read_teacher: Callable[[int], bool] | None = None,  # step -> read its teacher arrays? (StepSampler)
+    ) -> DataLoader:
         """A DataLoader yielding items start_step .. steps-1 in order, prepared by `workers` processes."""
         return DataLoader(
-            self, batch_size=None, sampler=range(start_step, steps), num_workers=workers,
+            self, batch_size=None, sampler=StepSampler(start_step, steps, read_teacher), num_workers=workers,
             pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
         )
+
+
+class StepSampler(Sampler):
+    """The keys start_step .. steps-1 of TrainDataset items, in order.
+
+    With `read_teacher` each key is (step, read_teacher(step)), evaluated in the process iterating
+    the sampler (the training process, also under loader processes) when the item is requested; without,
+    the plain step (the dataset's own `needs_teacher` decides, in whichever process builds the item).
+    """
+
+    def __init__(self, start_step: int, steps: int, read_teacher: Callable[[int], bool] | None = None):
+        self.start_step, self.steps, self.read_teacher = int(start_step), int(steps), read_teacher
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def __iter__(self):
+        for step in range(self.start_step, self.steps):
+            yield step if self.read_teacher is None else (step, bool(self.read_teacher(step)))

@@ -5,18 +5,26 @@ and calls the objective with `step=s`; once it is done, s+1 steps are done. Chec
 rows, exported weights and error messages are labelled with the number of steps done, so
 `step-000000003.pt` holds the state after 3 updates and resuming from it runs step index 3 next.
 
-One step on each of W workers:
-    batch (this worker's B/W samples, prepared by the DataLoader) -> grad_accum micro batches ->
-    loss, logs = objective(model, micro batch, teacher targets, s); (loss / grad_accum).backward()
-    [DDP averages the backbone's gradients; the objective's projector gradients are averaged by one
-    all-reduce] -> clip the global grad norm -> AdamW (linear warm-up of the learning rate) -> EMA
-    update. No step waits for the device: the first non-finite loss (or gradient norm) is recorded
-    on the device and raises RuntimeError at the next sync point (metrics row, checkpoint, sample,
-    end), before anything is written, so the newest checkpoint is always a good one.
+One step on each of W workers (`train_step`):
+    batch (this worker's b = B/W samples: x0, eps [b,C,H,W], t, y [b], teacher {name: [b, ...]}) ->
+    grad_accum micro batches of b/grad_accum -> loss, logs = objective(model, micro batch, teacher
+    targets, s); (loss / grad_accum).backward() [DDP averages the backbone's gradients; the
+    objective's projector gradients are averaged by one all-reduce] -> clip the global grad norm ->
+    AdamW (linear warm-up of the learning rate) -> EMA update.
+No step waits for the device: the first non-finite loss (or gradient norm) is recorded on the device
+and raises RuntimeError at the next sync point (metrics row, checkpoint, sample, end), before
+anything is written, so the newest checkpoint is always a good one.
 Every `log_every` steps rank 0 appends the window's averages to metrics.jsonl and TensorBoard;
-every `checkpoint_every` steps and at the end it writes a checkpoint, and every rank then calls
-`report_fn(metrics, path on rank 0 / None elsewhere)` (Ray needs all ranks to report in lockstep);
-at the end it exports ema.safetensors and model.safetensors (keys of `model.state_dict()`).
+every `checkpoint_every` steps and at the end it writes a checkpoint (pipeline.train.checkpoint),
+and every rank then calls `report_fn(metrics, path on rank 0 / None elsewhere)` (Ray needs all
+ranks to report in lockstep); at the end it exports ema.safetensors and model.safetensors.
+
+Who and where: rank, world_size and device are arguments (a launcher's WorkerContext supplies them);
+nothing here reads a global context. Under torch.distributed they must match the process group.
+
+Teacher arrays are read only for steps whose objective needs them, also in loader processes: the
+training process decides per step when the DataLoader asks for it (`TeacherReads`), so a switch-off
+at tau or by HASTE's trigger reaches every loader process and no teacher byte is read after it.
 
 Determinism: the data of step s is a function of (seed, s) only (pipeline.train.data), the model is
 initialised after torch.manual_seed(seed) on every rank, and a checkpoint carries the model, EMA,
@@ -32,21 +40,22 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline.launch import current_context
+from pipeline import faults
+from pipeline.precision import autocast_dtype as precision_autocast
 from pipeline.teachers.targets import TeacherTargets
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import TrainDataset
 from pipeline.train.ema import EMA
 from pipeline.train.logging import MetricsLogger
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TeacherSource = Callable[[dict | None, int], TeacherTargets | None]  # (arrays on the device, step) -> targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,14 +96,27 @@ def average_grads(params: list[nn.Parameter], world_size: int) -> None:
         offset += g.numel()
 
 
-def _resume_path(resume: str, run_dir: Path, restore_dir: str | None) -> Path | None:
-    """The checkpoint to start from: resume = auto (newest of run_dir and the launcher's) | never | path."""
-    if resume == "never":
-        return None
-    if resume != "auto":
-        return Path(resume)
-    found = [p for p in (ckpt.latest(run_dir), ckpt.latest(restore_dir) if restore_dir else None) if p]
-    return max(found, key=ckpt.step_of) if found else None
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """None -> the current CUDA device if there is one, else CPU; a bare "cuda" gets the current index."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _check_process_group(rank: int, world_size: int) -> None:
+    """Raise unless (rank, world_size) are torch.distributed's, when it runs."""
+    if world_size > 1 and not dist.is_initialized():
+        raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised: start the run "
+                           "through pipeline.launch.launch (local, torchrun or ray)")
+    if dist.is_available() and dist.is_initialized() and (rank, world_size) != (dist.get_rank(), dist.get_world_size()):
+        raise RuntimeError(
+            f"training_loop(rank={rank}, world_size={world_size}) but torch.distributed runs "
+            f"{dist.get_world_size()} processes and this is rank {dist.get_rank()}: pass rank=, world_size= and "
+            "device= from the launcher's WorkerContext (pipeline.launch.current_context())"
+        )
 
 
 def _check_same_everywhere(value: int, world_size: int, device: torch.device, what: str) -> None:
@@ -121,10 +143,13 @@ class _Window:
         self.data_wait = 0.0
         self.start = time.perf_counter()
 
-    def add(self, logs: dict[str, torch.Tensor]) -> None:
+    def add(self, logs: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+        """One step: its logs (0-d tensors) and its gradient norm."""
         for key, value in logs.items():
             self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
             self.counts[key] = self.counts.get(key, 0) + 1
+        self.steps += 1
+        self.grad_norm = self.grad_norm + grad_norm
 
     def row(self, world_size: int, batch_size: int, lr: float) -> dict[str, float]:
         """Averages over the window and the workers (a collective: every rank calls it)."""
@@ -145,18 +170,6 @@ class _Window:
         return row
 
 
-def _export_weights(run_dir: Path, model: nn.Module, ema: EMA, step: int, metadata: dict[str, str]) -> Path:
-    """ema.safetensors and model.safetensors with {model, step} metadata; returns the EMA file."""
-    meta = {"model": str(getattr(model, "name", "") or type(model).__name__), "step": str(step), **metadata}
-    ckpt.export_safetensors(run_dir / "model.safetensors", model.state_dict(), meta)
-    return ckpt.export_safetensors(run_dir / "ema.safetensors", ema.state_dict(), meta)
-
-
-# ----------------------------------------------------------------------------------------------
-#                                        The loop
-# ----------------------------------------------------------------------------------------------
-
-
 def _stop_if_non_finite(first_bad: torch.Tensor, steps: int, last_checkpoint: Path | None) -> None:
     """RuntimeError naming the first step whose loss or gradient norm was not finite (one host sync).
 
@@ -171,6 +184,43 @@ def _stop_if_non_finite(first_bad: torch.Tensor, steps: int, last_checkpoint: Pa
         f"{what} is {value} at step {int(step)} (update {int(step)} of {steps}); last good "
         f"checkpoint: {last_checkpoint if last_checkpoint is not None else 'none written yet'}"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Teacher reads and the trigger
+# ----------------------------------------------------------------------------------------------
+
+
+class TeacherReads:
+    """Which steps' items are built with teacher arrays; called in the training process when the
+    DataLoader asks for item s (see pipeline.train.data.StepSampler), up to prefetch_factor x
+    loader_workers steps before step s is trained.
+
+    s is read when `needs(s)` holds and no trigger check that could still switch alignment off comes
+    first (a check after c updates may end it from step c on). While one at c <= s has not run, s is
+    deferred: its item comes without teacher arrays and `take(s)` tells the loop, when step s is
+    trained, whether to read them itself. Without loader processes nothing is ever deferred.
+    """
+
+    def __init__(self, needs: Callable[[int], bool], trigger: Any, checked: int):
+        self.needs, self.trigger = needs, trigger
+        self.checked = checked  # the trigger's checks after <= `checked` updates have run
+        self.deferred: set[int] = set()
+
+    def __call__(self, step: int) -> bool:
+        if not self.needs(step):
+            return False
+        if self.trigger is not None and any(self.trigger.should_check(c) for c in range(self.checked + 1, step + 1)):
+            self.deferred.add(step)
+            return False
+        return True
+
+    def take(self, step: int) -> bool:
+        """True when step `step` was deferred and still needs its teacher arrays."""
+        if step not in self.deferred:
+            return False
+        self.deferred.discard(step)
+        return self.needs(step)
 
 
 PROBE_STEP = 0  # the gradient-angle trigger probes with (part of) the batch of this step
@@ -201,13 +251,99 @@ def _trigger_check(trigger, model, objective, probe, done, rank, world_size, dev
         objective.terminate(done)
 
 
+# ----------------------------------------------------------------------------------------------
+#                                        One update
+# ----------------------------------------------------------------------------------------------
+
+
+class StepResult(NamedTuple):
+    """What one update leaves on the device (nothing here has been synchronised)."""
+
+    logs: dict[str, torch.Tensor]  # the objective's 0-d logs, averaged over the micro batches (this worker)
+    loss: torch.Tensor  # 0-d float32: the loss, averaged over the micro batches and the workers
+    grad_norm: torch.Tensor  # 0-d float32: global gradient norm before clipping, averaged over the workers
+    bad: torch.Tensor  # 0-d bool: the loss or the norm is not finite (fp16: the loss; the scaler skips inf norms)
+
+
+def train_step(
+    *,
+    net: nn.Module,  # what is called: the backbone, DDP-wrapped and/or compiled
+    model: nn.Module,  # the bare backbone: its gradients are clipped, the EMA follows it
+    objective: nn.Module,  # (net, micro batch, teacher targets | None, step) -> (loss, logs)
+    optimizer: torch.optim.Optimizer,  # over the backbone's then the objective's trainable parameters
+    ema: EMA,  # updated after the optimiser step
+    batch: dict[str, Any],  # this worker's batch on the device; teacher {name: [b, ...]} arrays if any
+    step: int,  # 0-based index of this update (given to the objective and the teacher source)
+    lr: float,  # learning rate of this update
+    teacher_source: TeacherSource | None = None,  # (arrays, step) -> targets; None = no teacher this step
+    grad_accum: int = 1,  # micro batches per step (the batch splits evenly into them)
+    grad_clip: float = 1.0,  # max global gradient norm (0 = no clipping)
+    ema_decay: float = 0.9999,  # EMA decay per step
+    autocast_dtype: torch.dtype | None = None,  # forward under torch.autocast in this dtype (None = off)
+    scaler: torch.amp.GradScaler | None = None,  # fp16 loss scaling
+    world_size: int = 1,  # workers: > 1 averages the projector gradients and the returned stats
+) -> StepResult:
+    """One optimiser update: forward and backward over the micro batches, clip, AdamW, EMA."""
+    device = batch["x0"].device
+    model_params = [p for p in model.parameters() if p.requires_grad]
+    objective_params = [p for p in objective.parameters() if p.requires_grad]
+    if batch["x0"].shape[0] % grad_accum:
+        raise RuntimeError(f"batch of {batch['x0'].shape[0]} samples does not split into {grad_accum} micro batches")
+
+    # -- forward and backward over the micro batches ------------------------------------------------
+    loss_sum, logs_sum = torch.zeros((), device=device), {}
+    for i, micro in enumerate(split_micro(batch, grad_accum)):
+        arrays = micro.pop("teacher", None)
+        teacher = teacher_source(arrays, step) if teacher_source is not None else None
+        last = i == grad_accum - 1
+        sync = contextlib.nullcontext() if last or world_size == 1 else net.no_sync()
+        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with sync:
+            with amp:
+                loss, logs = objective(net, micro, teacher, step)
+            scaled = loss / grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float() / grad_accum
+        for k, v in logs.items():
+            logs_sum[k] = logs_sum.get(k, 0.0) + v.detach().float() / grad_accum
+    average_grads(objective_params, world_size)
+
+    # -- clip; the stats stay on the device --------------------------------------------------------
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model_params + objective_params,
+                                               grad_clip if grad_clip > 0 else math.inf)
+    stats = torch.stack([loss_sum, grad_norm.detach().float().to(device)])
+    if world_size > 1:
+        dist.all_reduce(stats)
+        stats /= world_size
+    bad = ~torch.isfinite(stats[0]) if scaler is not None else ~torch.isfinite(stats).all()
+
+    # -- update --------------------------------------------------------------------------------------
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema.update(model, ema_decay)
+    return StepResult(logs=logs_sum, loss=stats[0], grad_norm=stats[1], bad=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          The loop
+# ----------------------------------------------------------------------------------------------
+
+
 def training_loop(
     *,
     run_dir: str | Path,  # output folder: checkpoints/, metrics.jsonl, tensorboard/, *.safetensors
     build_model: Callable[[], nn.Module],  # () -> backbone returning ModelOutput; called after manual_seed(seed)
     build_objective: Callable[[nn.Module], nn.Module],  # (model) -> objective(model, batch, teacher, step)
-    dataset: TrainDataset,  # per-step batches; layout set here; needs_teacher defaults to the objective's
-    teacher_source: Callable[[dict | None, int], TeacherTargets | None] | None = None,  # (arrays on device, step)
+    dataset: TrainDataset,  # per-step batches; layout set here; its needs_teacher, if set, overrides the objective's
+    teacher_source: TeacherSource | None = None,  # (teacher arrays on the device, step) -> TeacherTargets
     steps: int,  # optimiser steps of the whole run (a resumed run continues up to it)
     batch_size: int = 256,  # global batch: all workers and all accumulation rounds together
     grad_accum: int = 1,  # micro batches per step on each worker
@@ -226,27 +362,21 @@ def training_loop(
     sample_every: int = 0,  # steps between sample_fn calls (0 = only at the end)
     sample_fn: Callable[[nn.Module, int], None] | None = None,  # (ema model in eval mode, steps done), rank 0
     seed: int = 0,  # model init (torch.manual_seed on every rank); the dataset carries its own seed
-    device: torch.device | str | None = None,  # None = the launcher's device (CUDA if available)
-    rank: int | None = None,  # None = the launcher's rank
-    world_size: int | None = None,  # None = the launcher's world size
+    rank: int = 0,  # this worker's global rank (a launcher's WorkerContext.rank)
+    world_size: int = 1,  # number of workers (WorkerContext.world_size); > 1 needs torch.distributed
+    device: torch.device | str | None = None,  # this worker's device (WorkerContext.device); None = CUDA if any
     loader_workers: int = 0,  # DataLoader processes per worker (0 = load in this process)
     resume: str = "auto",  # auto (newest checkpoint, if any) | never (start over) | path of a checkpoint
-    report_fn: Callable[[dict[str, float], str | None], None] | None = None,  # None = the launcher's (Ray)
+    restore_dir: str | Path | None = None,  # also searched by resume=auto: a launcher's restored checkpoint (Ray)
+    report_fn: Callable[[dict[str, float], str | None], None] | None = None,  # every rank at each checkpoint (Ray)
     progress: bool = True,  # progress bar with steps/s and images/s on rank 0
     metadata: dict[str, str] | None = None,  # extra metadata stored in the exported safetensors
     trigger: Any = None,  # HASTE early stop: .should_check(updates done), .check(...) -> cosine, .threshold
 ) -> dict[str, Any]:
     """Train; returns {step, loss, steps_per_s, images_per_s, checkpoint, ema} (see module docstring)."""
-    # -- who and where ----------------------------------------------------------------------------
-    ctx = current_context()
-    rank = ctx.rank if rank is None else rank
-    world_size = ctx.world_size if world_size is None else world_size
-    device = torch.device(device) if device is not None else (
-        ctx.device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    report_fn = report_fn if report_fn is not None else ctx.report_fn
-    if world_size > 1 and not dist.is_initialized():
-        raise RuntimeError(f"world_size={world_size} but torch.distributed is not initialised: start the run "
-                           "through pipeline.launch.launch (local, torchrun or ray)")
+    # -- who and where ------------------------------------------------------------------------------
+    device = resolve_device(device)
+    _check_process_group(rank, world_size)
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"train.precision={precision!r}; expected fp32, bf16 or fp16")
     if resume not in ("auto", "never") and not Path(resume).is_file():
@@ -264,42 +394,27 @@ def training_loop(
     run_dir.mkdir(parents=True, exist_ok=True)
     dataset.layout(batch_size, rank, world_size)
 
-    # -- the trained state ------------------------------------------------------------------------
+    # -- the trained state --------------------------------------------------------------------------
     torch.manual_seed(seed)
     model = build_model().to(device).train()
     objective = build_objective(model).to(device).train()
-    if dataset.teacher is not None and dataset.needs_teacher is None:
-        dataset.needs_teacher = objective.needs_teacher
-    model_params = [p for p in model.parameters() if p.requires_grad]
     objective_params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(model_params + objective_params, lr=lr, betas=tuple(betas),
-                                  weight_decay=weight_decay, eps=eps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + objective_params,
+                                  lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
     ema = EMA(model)
-    autocast_dtype = AUTOCAST.get(precision) if device.type == "cuda" else None
+    autocast_dtype = precision_autocast(precision, device)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
 
-    start, rng = 0, None
-    last_checkpoint = _resume_path(resume, run_dir, ctx.restore_dir)
+    # -- resume -------------------------------------------------------------------------------------
+    start, restored = 0, None
+    last_checkpoint = ckpt.resume_path(resume, run_dir, restore_dir)
     if resume == "never" and rank == 0:
-        for old in ckpt.list_checkpoints(run_dir / ckpt.CHECKPOINT_DIR):
-            old.unlink()
+        ckpt.remove_all(run_dir)
     if last_checkpoint is not None:
-        state = ckpt.load(last_checkpoint)
-        data = state["data"]
-        if (data["seed"], data["batch_size"]) != (dataset.seed, batch_size):
-            raise ValueError(
-                f"checkpoint {last_checkpoint} was written with data seed {data['seed']} and batch size "
-                f"{data['batch_size']}, this run has {dataset.seed} and {batch_size}: resuming would change the "
-                "data order; use a new run directory or resume='never'"
-            )
-        model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start, rng = int(state["step"]), state["rng"]
-        del state
+        restored = ckpt.load_training_state(last_checkpoint, model=model, ema=ema, optimizer=optimizer,
+                                            objective=objective, scaler=scaler, data_seed=dataset.seed,
+                                            batch_size=batch_size)
+        start = restored.step
     _check_same_everywhere(start, world_size, device, "the step to resume from")
     if start > steps:
         raise ValueError(f"checkpoint {last_checkpoint} is at step {start}, past train.steps={steps}: raise "
@@ -312,38 +427,44 @@ def training_loop(
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile:
         net = torch.compile(net)
-    if rng is not None:
-        ckpt.set_rng_state(rng)
+    if restored is not None:
+        ckpt.set_rng_state(restored.rng)
 
-    # -- bookkeeping ------------------------------------------------------------------------------
+    # -- bookkeeping --------------------------------------------------------------------------------
     logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start)
     bar = tqdm(total=steps, initial=start, unit="step", desc="train", dynamic_ncols=True,
                disable=not (progress and rank == 0))
     window, row, loss_value = _Window(), {}, math.nan
-    first_bad = torch.full((3,), -1.0, device=device)  # (step, loss, grad norm) of the first non-finite step
+    first_bad = torch.full((3,), -1.0, device=device)  # (steps done, loss, grad norm) of the first non-finite step
     run_start, ema_model = time.perf_counter(), None
     micro_size = batch_size // world_size // grad_accum
-    loader = dataset.loader(start, steps, loader_workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
+    reads = None
+    if dataset.teacher is not None:
+        needs_rule = dataset.needs_teacher if dataset.needs_teacher is not None else objective.needs_teacher
+        reads = TeacherReads(needs_rule, trigger, checked=start if start > 0 else -1)  # start 0: check 0 pending
+    batches = iter(dataset.loader(start, steps, loader_workers, pin_memory=device.type == "cuda", read_teacher=reads))
 
     def maybe_trigger(done: int) -> None:
         """HASTE's gradient-angle check after `done` updates (trigger_start, + every, ...) while aligning.
         The probe batch is rebuilt from the data's definition at each check (it is the same batch every
         time) instead of holding its teacher targets, attention maps included, on the device all run."""
-        if trigger is None or not objective.needs_teacher(done) or not trigger.should_check(done):
-            return
-        _trigger_check(trigger, model, objective, lambda: probe_batch(dataset, teacher_source, micro_size, device),
-                       done, rank, world_size, device, logger)
+        if trigger is not None and objective.needs_teacher(done) and trigger.should_check(done):
+            _trigger_check(trigger, model, objective, lambda: probe_batch(dataset, teacher_source, micro_size, device),
+                           done, rank, world_size, device, logger)
+        if reads is not None:
+            reads.checked = done
 
     try:
         if start == 0:
             maybe_trigger(0)  # trigger_start = 0: a check before the first update
         for step in range(start, steps):
-            # -- data ---------------------------------------------------------------------------
+            # -- data -------------------------------------------------------------------------------
             t0 = time.perf_counter()
             batch = next(batches)
             window.data_wait += time.perf_counter() - t0
             arrays = batch.pop("teacher", None)
+            if reads is not None and reads.take(step):  # deferred past a trigger check: read it here
+                arrays = dataset.teacher_arrays(batch["index"], batch["flip"])
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             needs = objective.needs_teacher(step)
             if needs and teacher_source is None:
@@ -352,63 +473,27 @@ def training_loop(
             if needs and arrays is not None:
                 batch["teacher"] = {k: v.to(device, non_blocking=True) for k, v in arrays.items()}
 
-            # -- forward and backward over the micro batches -------------------------------------
-            loss_sum, step_logs = torch.zeros((), device=device), {}
-            for i, micro in enumerate(split_micro(batch, grad_accum)):
-                if micro["x0"].shape[0] != micro_size:
-                    raise RuntimeError(f"micro batch of {micro['x0'].shape[0]} samples, expected {micro_size}")
-                teacher = teacher_source(micro.pop("teacher", None), step) if needs else None
-                last = i == grad_accum - 1
-                sync = contextlib.nullcontext() if last or world_size == 1 else net.no_sync()
-                amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
-                       else contextlib.nullcontext())
-                with sync:
-                    with amp:
-                        loss, logs = objective(net, micro, teacher, step)
-                    scaled = loss / grad_accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += loss.detach().float() / grad_accum
-                for k, v in logs.items():
-                    step_logs[k] = step_logs.get(k, 0.0) + v.detach().float() / grad_accum
-            window.add(step_logs)
-            average_grads(objective_params, world_size)
-
-            # -- clip; remember the first non-finite step on the device (read at the next sync) -----
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            params = model_params + objective_params
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-            stats = torch.stack([loss_sum, grad_norm.detach().float().to(device)])
-            if world_size > 1:
-                dist.all_reduce(stats)
-                stats /= world_size
-            bad = ~torch.isfinite(stats[0]) if scaler is not None else ~torch.isfinite(stats).all()
-            first_bad = torch.where(bad & (first_bad[0] < 0),
-                                    torch.stack([torch.full((), step + 1.0, device=device), *stats]), first_bad)
-
-            # -- update ---------------------------------------------------------------------------
+            # -- one update -------------------------------------------------------------------------
             current_lr = learning_rate(step, lr, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = current_lr
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(model, ema_decay)
+            out = train_step(net=net, model=model, objective=objective, optimizer=optimizer, ema=ema, batch=batch,
+                             step=step, lr=current_lr, teacher_source=teacher_source if needs else None,
+                             grad_accum=grad_accum, grad_clip=grad_clip, ema_decay=ema_decay,
+                             autocast_dtype=autocast_dtype, scaler=scaler, world_size=world_size)
+            first_bad = torch.where(out.bad & (first_bad[0] < 0),
+                                    torch.stack([torch.full((), step + 1.0, device=device), out.loss, out.grad_norm]),
+                                    first_bad)
             done = step + 1
             maybe_trigger(done)
-            window.steps += 1
-            window.grad_norm = window.grad_norm + stats[1]
+            window.add(out.logs, out.grad_norm)
             bar.update(1)
+            faults.point("train.step")
 
-            # -- log, checkpoint, sample (each a sync point: a non-finite step stops the run first) --
+            # -- log, checkpoint, sample (each a sync point: a non-finite step stops the run first) -----
             sync = (done % log_every == 0 or done % checkpoint_every == 0 or done == steps
                     or (sample_fn is not None and sample_every and done % sample_every == 0))
             if sync:
                 _stop_if_non_finite(first_bad, steps, last_checkpoint)
-                loss_value = float(stats[0])
+                loss_value = float(out.loss)
             if done % log_every == 0 or done == steps:
                 row = window.row(world_size, batch_size, current_lr)
                 logger.log(done, row)
@@ -417,17 +502,12 @@ def training_loop(
             if done % checkpoint_every == 0 or done == steps:
                 last_checkpoint = ckpt.checkpoint_path(run_dir, done)
                 if rank == 0:
-                    ckpt.save(run_dir, done, {
-                        "step": done, "model": model.state_dict(), "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else {},
-                        "rng": ckpt.rng_state(), "world_size": world_size,
-                        "data": {"seed": dataset.seed, "batch_size": batch_size, "step": done},
-                    }, keep=keep_checkpoints)
+                    ckpt.save_training_state(run_dir, done, model=model, ema=ema, optimizer=optimizer,
+                                             objective=objective, scaler=scaler, world_size=world_size,
+                                             data_seed=dataset.seed, batch_size=batch_size, keep=keep_checkpoints)
                 if report_fn is not None:
                     report_fn({**row, "step": done}, str(last_checkpoint) if rank == 0 else None)
-            if rank == 0 and sample_fn is not None and (
-                    (sample_every and done % sample_every == 0) or done == steps):
+            if rank == 0 and sample_fn is not None and ((sample_every and done % sample_every == 0) or done == steps):
                 if ema_model is None:
                     ema_model = copy.deepcopy(model)
                 ema.copy_to(ema_model).eval()
@@ -438,10 +518,10 @@ def training_loop(
         logger.close()
         del batches
 
-    # -- export -----------------------------------------------------------------------------------
+    # -- export -------------------------------------------------------------------------------------
     ema_path = run_dir / "ema.safetensors"
     if rank == 0:
-        ema_path = _export_weights(run_dir, model, ema, steps, metadata or {})
+        ema_path = ckpt.export_weights(run_dir, model, ema, steps, metadata or {})
     if world_size > 1:
         dist.barrier()
     elapsed = max(time.perf_counter() - run_start, 1e-9)

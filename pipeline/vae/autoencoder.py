@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from schemas.names import VAES
+
 HUB_REPOS = {"sd-vae-ft-ema": "stabilityai/sd-vae-ft-ema", "sd-vae-ft-mse": "stabilityai/sd-vae-ft-mse"}
 NAMES = (*HUB_REPOS, "identity", "tiny-random")
 
@@ -56,6 +58,13 @@ TINY_CONFIG = dict(
     sample_size=32,
     scaling_factor=0.18215,
 )
+
+
+def geometry(name: str) -> tuple[int, int]:
+    """(latent channels c, downsampling factor) of the VAE `name`, without loading it."""
+    if name not in VAES:
+        raise ValueError(f"unknown VAE {name!r}; expected one of {', '.join(NAMES)}")
+    return VAES[name]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,30 @@
+"""Decoded samples as images: ADM's uint8 quantisation and a PNG grid."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def samples_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3], ADM's quantisation (as REPA's generate.py):
+    clamp((x + 1) * 127.5, 0, 255) truncated towards zero by the uint8 cast, not rounded."""
+    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray, columns: int = 16) -> bytes:
+    """PNG bytes of a grid of uint8 [N,H,W,3] images (at most 8 rows)."""
+    n = min(len(images), columns * 8)
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    h, w = images.shape[1:3]
+    canvas = np.zeros((rows * h, columns * w, 3), np.uint8)
+    for k in range(n):
+        r, c = divmod(k, columns)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = images[k]
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="PNG")
+    return buf.getvalue()
