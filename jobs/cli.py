@@ -106,6 +106,13 @@ def _evaluate(force: bool, wait: bool) -> list[Callable]:
 FEATURES = ("ingest", "latents", "teacher")
 
 
+def _chain(names: tuple[str, ...], force: bool, wait: bool) -> list[Callable]:
+    """Steps running stages in order. Only the first obeys `wait`: a command that got past its first
+    stage waits at a later one that another process is writing (then finds it up to date), instead of
+    dying midway behind a process that overtook it."""
+    return [_stage(name, force, wait or i > 0) for i, name in enumerate(names)]
+
+
 # ----------------------------------------------------------------------------------------------
 #                                       Subcommands
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +143,7 @@ def teacher(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, f
 def features(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
     """ingest, encode and teacher."""
-    _run(config, overrides, [_stage(name, force, wait) for name in FEATURES])
+    _run(config, overrides, _chain(FEATURES, force, wait))
 
 
 @app.command()
@@ -164,7 +171,7 @@ def evaluate(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, 
 def eval_(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
     """sample, then evaluate."""
-    _run(config, overrides, [_stage("sample", force, wait), *_evaluate(force, wait)])
+    _run(config, overrides, [_stage("sample", force, wait), *_evaluate(force, True)])
 
 
 @app.command()
@@ -180,14 +187,14 @@ def compare(config: ConfigOpt = "configs/compare.toml", overrides: SetOpt = None
         runs = cmp.plan(cfg)  # validates the schedule before any compute
         for _, train_cfgs, _ in runs:
             check_config(train_cfgs[0])  # each method fits the student and the teacher
-        for name in FEATURES:
-            _stage(name, force, wait)(cfg)
+        for step_ in _chain(FEATURES, force, wait):
+            step_(cfg)
         for method, train_cfgs, eval_cfgs in runs:
             print(f"[compare] method {method}", file=sys.stderr, flush=True)
             for c in train_cfgs:
-                _stage("train", force, wait)(c)
+                _stage("train", force, True)(c)
             for c in eval_cfgs:
-                for step_ in (_stage("sample", force, wait), *_evaluate(force, wait)):
+                for step_ in (_stage("sample", force, True), *_evaluate(force, True)):
                     step_(c)
         cmp.summarise(cfg)
 
