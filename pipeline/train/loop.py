@@ -285,8 +285,6 @@ def train_step(
 ) -> StepResult:
     """One optimiser update: forward and backward over the micro batches, clip, AdamW, EMA."""
     device = batch["x0"].device
-    model_params = [p for p in model.parameters() if p.requires_grad]
-    objective_params = [p for p in objective.parameters() if p.requires_grad]
     if batch["x0"].shape[0] % grad_accum:
         raise RuntimeError(f"batch of {batch['x0'].shape[0]} samples does not split into {grad_accum} micro batches")
 
@@ -306,13 +304,14 @@ def train_step(
         loss_sum += loss.detach().float() / grad_accum
         for k, v in logs.items():
             logs_sum[k] = logs_sum.get(k, 0.0) + v.detach().float() / grad_accum
-    average_grads(objective_params, world_size)
+    if world_size > 1:  # the projectors are outside DDP: their gradients are averaged here
+        average_grads([p for p in objective.parameters() if p.requires_grad], world_size)
 
     # -- clip; the stats stay on the device --------------------------------------------------------
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model_params + objective_params,
-                                               grad_clip if grad_clip > 0 else math.inf)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the backbone's, then the objective's
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     stats = torch.stack([loss_sum, grad_norm.detach().float().to(device)])
     if world_size > 1:
         dist.all_reduce(stats)
