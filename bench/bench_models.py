@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--teacher-dim", type=int, default=384)
     ap.add_argument("--projector-dim", type=int, default=2048)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile the backbone, as train.compile = true")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for mfu (default: table)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,16 +69,19 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
              "t": torch.rand(b, device=device), "y": torch.randint(0, 1000, (b,), device=device)}
     teacher = TeacherTargets(tokens=torch.randn(b, g[0] * g[1], args.teacher_dim, device=device), grid=g)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    net = torch.compile(model) if args.compile else model
 
     def step() -> None:
         with amp:
-            loss, _ = obj(model, batch, teacher if align != "none" else None, 0)
+            loss, _ = obj(net, batch, teacher if align != "none" else None, 0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    t0 = time.perf_counter()
     for _ in range(2):
         step()
+    warmup_s = time.perf_counter() - t0  # includes compilation with --compile
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -95,6 +99,7 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
     achieved = flops * args.steps / dt
     return {
         "bench": "models", "model": name, "align": align, "device": str(device), "precision": args.precision,
+        "compile": args.compile, "warmup_s": round(warmup_s, 1),
         "batch": b, "input": [c, s, s], "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "steps_per_s": round(args.steps / dt, 3), "images_per_s": round(args.steps * b / dt, 1),
         "gflop_per_step": round(flops / 1e9, 1), "tflop_s": round(achieved / 1e12, 2),

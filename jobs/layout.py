@@ -11,7 +11,8 @@
     {workdir}/reference/stats-{hash}.npz reference Inception statistics, cached
 
 The run name defaults to model-align-hash, the hash covering what shapes the run's result except
-its length, so raising `train.steps` (or `train.images`) continues the same run from its last checkpoint.
+its length, so raising `train.steps` (or `train.images`) continues the same run from its last checkpoint
+(with `train.cooldown_steps` the length is hashed as well: its LR schedule depends on it).
 """
 
 from __future__ import annotations
@@ -63,16 +64,27 @@ def align_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
     return tuple(f"align.{f}" for f in objective_class(cfg.train.align).config_fields)
 
 
+# Fields added after runs existed: they enter a run's fingerprint and name only when set, so runs
+# trained before them keep their names and stay up to date.
+TRAIN_ADDED = {"cooldown_steps": 0}
+
+
 def train_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
-    fields = tuple(f"train.{f}" for f in TrainConfig.model_fields if f not in TRAIN_EXECUTION)
+    fields = tuple(f"train.{f}" for f in TrainConfig.model_fields
+                   if f not in TRAIN_EXECUTION and getattr(cfg.train, f) != TRAIN_ADDED.get(f, object()))
     return MODEL_KEYS + align_keys(cfg) + fields
 
 
 def run_name(cfg: ExperimentConfig) -> str:
-    """`train.name`, or model-align-hash of everything in the run's fingerprint but its length."""
+    """`train.name`, or model-align-hash of everything in the run's fingerprint but its length.
+
+    With an LR cool-down the length shapes every late step's learning rate, so it is hashed too: a
+    longer run is a new run, not the continuation of a shorter one.
+    """
     if cfg.train.name:
         return cfg.train.name
-    keys = [k for k in train_keys(cfg) if k not in ("train.steps", "train.images")] + list(TEACHER_KEYS) + list(LATENT_KEYS)
+    length = () if cfg.train.cooldown_steps else ("train.steps", "train.images")
+    keys = [k for k in train_keys(cfg) if k not in length] + list(TEACHER_KEYS) + list(LATENT_KEYS)
     digest = hashlib.sha256(canonical_json({k: lookup(cfg, k) for k in keys}).encode()).hexdigest()[:8]
     return f"{cfg.model.name.replace('/', '-')}-{cfg.train.align}-{digest}"
 

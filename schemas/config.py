@@ -150,6 +150,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     eps: float = Field(1e-8, gt=0)
     warmup_steps: int = Field(0, ge=0)  # linear LR warm-up
+    cooldown_steps: int = Field(0, ge=0)  # linear LR decay over the run's last steps (0 = constant to the end)
     grad_clip: float = Field(1.0, ge=0)  # max grad norm (0 = off)
     ema_decay: float = Field(0.9999, ge=0, le=1)
     precision: Precision = "bf16"  # autocast dtype on CUDA (CPU runs in fp32)

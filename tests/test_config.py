@@ -120,3 +120,17 @@ def test_batch_must_split_over_workers_and_micro_batches():
         load_config(str(ROOT / "configs" / "demo.toml"), ["train.num_workers=3"])
     cfg = load_config(str(ROOT / "configs" / "demo.toml"), ["train.num_workers=2", "train.grad_accum=2"])
     assert cfg.train.batch_size % 4 == 0
+
+
+def test_cool_down_hashes_the_run_length_and_leaves_older_run_names_alone():
+    from jobs.layout import run_name, train_keys
+
+    base = load_config(ROOT / "configs" / "demo.toml", ["train.cooldown_steps=0"])
+    longer = base.model_copy(update={"train": base.train.model_copy(update={"steps": base.train.steps * 2})})
+    assert run_name(longer) == run_name(base)  # constant LR: a longer run continues the same one
+    assert "train.cooldown_steps" not in train_keys(base)  # off: the fingerprint of older runs holds
+    cool = base.model_copy(update={"train": base.train.model_copy(update={"cooldown_steps": 100})})
+    cool_longer = cool.model_copy(update={"train": cool.train.model_copy(update={"steps": base.train.steps * 2})})
+    assert "train.cooldown_steps" in train_keys(cool)
+    assert run_name(cool) != run_name(base)
+    assert run_name(cool_longer) != run_name(cool)  # the schedule depends on the length

@@ -234,6 +234,23 @@ def test_loss_decreases(tmp_path):
     assert summary["step"] == 60 and summary["images_per_s"] > 0
 
 
+def test_learning_rate_warm_up_and_cool_down_by_hand():
+    from pipeline.train.loop import learning_rate
+
+    # 10 updates, warm-up 4, cool-down 3: 1/4 2/4 3/4 1 1 1 1 | 3/3 -> 2/3 -> 1/3 of the last three
+    got = [learning_rate(s, 2.0, 4, 3, 10) for s in range(10)]
+    expected = [0.5, 1.0, 1.5, 2.0, 2.0, 2.0, 2.0, 2.0, 4 / 3, 2 / 3]
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert [learning_rate(s, 2.0, 0, 0, 10) for s in range(10)] == [2.0] * 10
+    # overlapping phases multiply: a 2-update run with warm-up 2 and cool-down 2
+    assert [learning_rate(s, 1.0, 2, 2, 2) for s in range(2)] == pytest.approx([0.5, 0.5])
+
+
+def test_the_loop_applies_the_cool_down(tmp_path):
+    training_loop(**loop_args(tmp_path, steps=6, log_every=1, checkpoint_every=6, lr=0.3, cooldown_steps=3))
+    assert [r["lr"] for r in rows(tmp_path)] == pytest.approx([0.3, 0.3, 0.3, 0.3, 0.2, 0.1])
+
+
 def test_outputs_metrics_checkpoints_and_exports(tmp_path):
     summary = training_loop(**loop_args(tmp_path, steps=7, log_every=2, checkpoint_every=2, keep_checkpoints=2,
                                         ema_decay=1.0))

@@ -3,18 +3,23 @@ on the spatial features), computed like ADM's evaluator.
 
     d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})
 
-The matrix square root comes from scipy.linalg.sqrtm in float64. When it is not finite (S1 S2 close
-to singular, e.g. fewer samples than dimensions) both covariances get `eps * I` added and the root is
-taken again. Round-off can leave a small imaginary part, which is dropped; an imaginary part on the
-diagonal larger than `imag_atol` means the inputs are not valid covariances and raises.
+The trace term needs no general matrix square root. S1 S2 is similar to the symmetric positive
+semi-definite A S2 A with A = S1^{1/2} (A^{-1} (S1 S2) A = A S2 A when S1 is invertible, and by
+continuity otherwise), so
+
+    tr((S1 S2)^{1/2}) = sum_i sqrt(lambda_i(A S2 A)),    A = V diag(sqrt(w)) V^T,  S1 = V diag(w) V^T,
+
+two symmetric eigendecompositions in float64 (LAPACK syevd). It is the quantity ADM's evaluator
+takes from scipy.linalg.sqrtm(S1 @ S2), without sqrtm's Schur iteration: 2048-d Inception
+statistics take about 2 s instead of about 20 s on two cores, and a rank-deficient covariance (fewer
+samples than dimensions) needs no `eps * I` retry. Eigenvalues below zero that round-off leaves are
+clipped to zero; one more negative than `psd_rtol` times the largest means the inputs are not
+covariances and raises.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-import scipy.linalg
 import torch
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -104,38 +109,39 @@ def _check_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: n
             raise ValueError(f"{name} must have shape [{d}, {d}] to match the means, got {list(s.shape)}")
 
 
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, psd_rtol: float = 1e-6) -> float:
+    """tr((S1 S2)^{1/2}) for symmetric positive semi-definite S1, S2 [D, D] (module docstring)."""
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    _check_psd(w, "sigma1", psd_rtol)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    inner = root1 @ sigma2 @ root1
+    lam = np.linalg.eigvalsh((inner + inner.T) / 2)
+    _check_psd(lam, "S1^(1/2) sigma2 S1^(1/2)", psd_rtol)
+    return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+
+
+def _check_psd(eigenvalues: np.ndarray, name: str, rtol: float) -> None:
+    scale = max(float(np.abs(eigenvalues).max(initial=0.0)), np.finfo(np.float64).tiny)
+    lowest = float(eigenvalues.min(initial=0.0))
+    if lowest < -rtol * scale:
+        raise ValueError(
+            f"frechet_distance: {name} has the eigenvalue {lowest:.3g} (largest magnitude {scale:.3g}); "
+            "covariances must be positive semi-definite (pass np.cov-style matrices of real features)"
+        )
+
+
 def frechet_distance(
     mu1: ArrayLike,
     sigma1: ArrayLike,
     mu2: ArrayLike,
     sigma2: ArrayLike,
     *,
-    eps: float = 1e-6,
-    imag_atol: float = 1e-3,
+    psd_rtol: float = 1e-6,
 ) -> float:
     """Squared Frechet distance between N(mu1 [D], sigma1 [D, D]) and N(mu2, sigma2), as a float."""
     mu1, mu2 = (np.atleast_1d(_as_numpy(m)).astype(np.float64) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(_as_numpy(s)).astype(np.float64) for s in (sigma1, sigma2))
     _check_stats(mu1, sigma1, mu2, sigma2)
-
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(
-            f"frechet_distance: sqrtm(sigma1 @ sigma2) is not finite (near-singular product); "
-            f"adding {eps} * I to both covariances",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        offset = eps * np.eye(sigma1.shape[0])
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        largest = float(np.max(np.abs(np.diagonal(covmean).imag)))
-        if largest > imag_atol:
-            raise ValueError(
-                f"frechet_distance: sqrtm(sigma1 @ sigma2) has an imaginary diagonal part of {largest:.3g} "
-                f"(> {imag_atol}); the covariances are not positive semi-definite or are badly "
-                "conditioned (use more samples than feature dimensions)"
-            )
-        covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    tr_covmean = trace_sqrt_product(sigma1, sigma2, psd_rtol)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)

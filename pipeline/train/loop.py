@@ -10,7 +10,7 @@ One step on each of W workers (`train_step`):
     grad_accum micro batches of b/grad_accum -> loss, logs = objective(model, micro batch, teacher
     targets, s); (loss / grad_accum).backward() [DDP averages the backbone's gradients; the
     objective's projector gradients are averaged by one all-reduce] -> clip the global grad norm ->
-    AdamW (linear warm-up of the learning rate) -> EMA update.
+    AdamW (linear warm-up and cool-down of the learning rate) -> EMA update.
 No step waits for the device: the first non-finite loss (or gradient norm) is recorded on the device
 and raises RuntimeError at the next sync point (metrics row, checkpoint, sample, end), before
 anything is written, so the newest checkpoint is always a good one.
@@ -63,11 +63,21 @@ TeacherSource = Callable[[dict | None, int], TeacherTargets | None]  # (arrays o
 # ----------------------------------------------------------------------------------------------
 
 
-def learning_rate(step: int, lr: float, warmup_steps: int) -> float:
-    """lr * min(1, (step + 1) / warmup_steps): linear warm-up over the first updates, then constant."""
-    if warmup_steps <= 0:
-        return lr
-    return lr * min(1.0, (step + 1) / warmup_steps)
+def learning_rate(step: int, lr: float, warmup_steps: int, cooldown_steps: int = 0, steps: int = 0) -> float:
+    """Learning rate of update `step` (0-based) of a `steps`-update run:
+
+        lr * min(1, (step + 1) / warmup_steps) * min(1, (steps - step) / cooldown_steps)
+
+    a linear warm-up over the first `warmup_steps` updates, constant, then a linear cool-down to
+    lr / cooldown_steps at the last update over the final `cooldown_steps` (0 = none; the
+    warmup-stable-decay schedule, whose decay phase short runs gain the most from).
+    """
+    scale = 1.0
+    if warmup_steps > 0:
+        scale *= min(1.0, (step + 1) / warmup_steps)
+    if cooldown_steps > 0:
+        scale *= min(1.0, (steps - step) / cooldown_steps)
+    return lr * scale
 
 
 def split_micro(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
@@ -351,6 +361,7 @@ def training_loop(
     weight_decay: float = 0.0,  # AdamW decoupled weight decay
     eps: float = 1e-8,  # AdamW epsilon
     warmup_steps: int = 0,  # linear learning-rate warm-up steps (0 = none)
+    cooldown_steps: int = 0,  # linear learning-rate decay over the run's last updates (0 = none)
     grad_clip: float = 1.0,  # max global gradient norm (0 = no clipping)
     ema_decay: float = 0.9999,  # EMA decay per step
     precision: str = "bf16",  # fp32 | bf16 | fp16 autocast (CUDA only; fp16 adds a GradScaler)
@@ -473,7 +484,7 @@ def training_loop(
                 batch["teacher"] = {k: v.to(device, non_blocking=True) for k, v in arrays.items()}
 
             # -- one update -------------------------------------------------------------------------
-            current_lr = learning_rate(step, lr, warmup_steps)
+            current_lr = learning_rate(step, lr, warmup_steps, cooldown_steps, steps)
             out = train_step(net=net, model=model, objective=objective, optimizer=optimizer, ema=ema, batch=batch,
                              step=step, lr=current_lr, teacher_source=teacher_source if needs else None,
                              grad_accum=grad_accum, grad_clip=grad_clip, ema_decay=ema_decay,
