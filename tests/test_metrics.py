@@ -89,6 +89,15 @@ def test_frechet_of_rank_deficient_covariances_by_hand():
         sqrtm_frechet(np.zeros(40), s1 + ridge, np.zeros(40), s2 + ridge), rel=1e-5)
 
 
+def test_frechet_of_covariances_on_orthogonal_subspaces_has_no_cross_term():
+    # S1 S2 = 0 exactly in theory, round-off in practice: the trace term is 0, nothing raises.
+    q, _ = np.linalg.qr(np.random.default_rng(9).standard_normal((40, 40)))
+    s1 = 3.0 * q[:, :10] @ q[:, :10].T
+    s2 = 2.0 * q[:, 10:20] @ q[:, 10:20].T
+    # (the square root lifts round-off eigenvalues of ~1e-16 to ~1e-8 each: a 1e-8 relative error)
+    assert frechet_distance(np.zeros(40), s1, np.zeros(40), s2) == pytest.approx(30.0 + 20.0, rel=1e-7)
+
+
 def test_frechet_rejects_non_covariances_and_bad_shapes():
     with pytest.raises(ValueError, match="positive semi-definite"):
         frechet_distance(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
