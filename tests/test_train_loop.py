@@ -244,6 +244,8 @@ def test_learning_rate_warm_up_and_cool_down_by_hand():
     assert [learning_rate(s, 2.0, 0, 0, 10) for s in range(10)] == [2.0] * 10
     # overlapping phases multiply: a 2-update run with warm-up 2 and cool-down 2
     assert [learning_rate(s, 1.0, 2, 2, 2) for s in range(2)] == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="run length"):
+        learning_rate(0, 1.0, 0, 5)  # a cool-down without the run's length would go negative
 
 
 def test_the_loop_applies_the_cool_down(tmp_path):

@@ -76,6 +76,8 @@ def learning_rate(step: int, lr: float, warmup_steps: int, cooldown_steps: int =
     if warmup_steps > 0:
         scale *= min(1.0, (step + 1) / warmup_steps)
     if cooldown_steps > 0:
+        if not 0 <= step < steps:
+            raise ValueError(f"a cool-down needs the run length: update {step} is not inside a {steps}-update run")
         scale *= min(1.0, (steps - step) / cooldown_steps)
     return lr * scale
 
