@@ -126,7 +126,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, psd_rtol: float =
 def _check_psd(eigenvalues: np.ndarray, name: str, scale: float, rtol: float) -> None:
     """ValueError when an eigenvalue is more negative than round-off at `scale` explains."""
     lowest = float(eigenvalues.min(initial=0.0))
-    if lowest < -rtol * scale or (scale == 0.0 and lowest < 0.0):
+    if lowest < -rtol * scale:  # scale 0: any negative eigenvalue
         raise ValueError(
             f"frechet_distance: {name} has the eigenvalue {lowest:.3g} (scale {scale:.3g}); covariances "
             "must be positive semi-definite (pass np.cov-style matrices of real features)"
