@@ -73,7 +73,8 @@ def encode(cfg: ExperimentConfig, force: bool = False) -> None:
     attrs = {"vae": cfg.vae.name, "scaling_factor": vae.scaling_factor, "flip": cfg.vae.flip,
              "fingerprint": run.fingerprint}
     store_job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
-                         cfg.stores.samples_per_shard, attrs, cfg.vae.batch_size, KEY_WIDTH)
+                         cfg.stores.samples_per_shard, attrs, cfg.vae.batch_size, KEY_WIDTH,
+                         cfg.stores.compression)
     run.expect(len(index) * sum(s.nbytes for s in specs))
     say("latents", f"{len(index)} images {res}px -> moments {list(latent)} with {cfg.vae.name} "
                    f"(scaling factor {vae.scaling_factor})")

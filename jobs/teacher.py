@@ -162,7 +162,8 @@ def teacher(cfg: ExperimentConfig, force: bool = False) -> None:
             specs.append(ArraySpec("hidden" + suffix, (prefix + tokens_T, dim), "float16"))
     specs += [ArraySpec("labels", (), "int64"), ArraySpec("keys", (), f"<U{KEY_WIDTH}")]
     store_job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
-                         cfg.stores.samples_per_shard, {**info, "fingerprint": run.fingerprint}, t.batch_size, KEY_WIDTH)
+                         cfg.stores.samples_per_shard, {**info, "fingerprint": run.fingerprint}, t.batch_size, KEY_WIDTH,
+                         cfg.stores.compression)
     per_image = sum(s.nbytes for s in specs if s.name != "keys")
     run.expect(len(index) * sum(s.nbytes for s in specs))
     say("teacher", f"{len(index)} images -> {t.name} {t.resolution}px, {grid[0]}x{grid[1]} tokens x {dim}, "

@@ -86,6 +86,9 @@ class StoresConfig(Section):
     samples_per_shard: int = Field(1024, ge=1)  # Zarr shard file size along the sample axis
     launcher: Literal["local", "ray"] = "local"  # how encode/teacher fan out shard ranges
     num_workers: int = Field(1, ge=1)  # parallel shard-range writers (processes or Ray tasks)
+    # inside the shards of numeric arrays; not part of a store's identity (stores of either kind are
+    # read alike and kept). "none": fp16 features barely compress and zstd costs CPU on every read
+    compression: Literal["none", "zstd"] = "none"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +166,7 @@ class TrainConfig(Section):
     sample_every: int = Field(0, ge=0)  # steps between sample-grid PNGs (0 = only at the end)
     grid: int = Field(64, ge=0)  # images in each progress grid (0 = no grids: a CPU run's 64-image tail)
     loader_workers: int = Field(0, ge=0)  # DataLoader worker processes per training worker
+    prefetch: int = Field(2, ge=0)  # batches built ahead per loader process (by a thread on CUDA when loader_workers = 0)
     max_failures: int = Field(3, ge=0)  # Ray: worker-group restarts before giving up
 
     @model_validator(mode="after")

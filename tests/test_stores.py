@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,8 +44,9 @@ def make_data(n: int = N) -> dict[str, np.ndarray]:
     }
 
 
-def write_all(path: Path, data: dict[str, np.ndarray], ranges: list[tuple[int, int]] | None = None) -> StoreWriter:
-    writer = StoreWriter(path, N, SPECS, S, ATTRS)
+def write_all(path: Path, data: dict[str, np.ndarray], ranges: list[tuple[int, int]] | None = None,
+              compression: str = "none") -> StoreWriter:
+    writer = StoreWriter(path, N, SPECS, S, ATTRS, compression=compression)
     writer.create()
     for a, b in ranges if ranges is not None else writer.ranges():
         writer.write_range(a, b, {k: v[a:b] for k, v in data.items()})
@@ -73,9 +75,10 @@ def test_ranges_are_shard_aligned(tmp_path):
     assert StoreWriter(tmp_path / "u.zarr", 3, SPECS, 1024).ranges() == [(0, 3)]
 
 
-def test_zarr_layout_one_sample_chunks_in_shards(tmp_path):
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_zarr_layout_one_sample_chunks_in_shards(tmp_path, compression):
     path = tmp_path / "s.zarr"
-    write_all(path, make_data())
+    write_all(path, make_data(), compression=compression)
     meta = json.loads((path / "tokens" / "zarr.json").read_text())
     assert meta["zarr_format"] == 3 and meta["shape"] == [N, 6, 5]
     assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [S, 6, 5]  # the shard
@@ -83,7 +86,14 @@ def test_zarr_layout_one_sample_chunks_in_shards(tmp_path):
     assert codec["name"] == "sharding_indexed"
     assert codec["configuration"]["chunk_shape"] == [1, 6, 5]  # the inner chunk: one sample
     inner = [c["name"] for c in codec["configuration"]["codecs"]]
-    assert inner == ["bytes", "blosc"] and codec["configuration"]["codecs"][1]["configuration"]["cname"] == "zstd"
+    if compression == "none":  # raw samples: a shard is S samples' bytes plus its index
+        assert inner == ["bytes"]
+        index_bytes = S * 16 + 4
+        assert (path / "tokens" / "c" / "0" / "0" / "0").stat().st_size == S * 6 * 5 * 2 + index_bytes
+    else:
+        assert inner == ["bytes", "blosc"] and codec["configuration"]["codecs"][1]["configuration"]["cname"] == "zstd"
+    keys_codecs = json.loads((path / "keys" / "zarr.json").read_text())["codecs"][0]["configuration"]["codecs"]
+    assert [c["name"] for c in keys_codecs] == ["bytes", "blosc"]  # strings are always compressed
     # One shard file per range, at the default chunk key c/<shard>/0/0 (c/<shard> for scalars).
     assert sorted(p.relative_to(path / "tokens").as_posix() for p in (path / "tokens" / "c").rglob("*") if p.is_file()) \
         == [f"c/{s}/0/0" for s in range(5)]
@@ -99,10 +109,11 @@ def test_zarr_layout_one_sample_chunks_in_shards(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_round_trip_with_shuffled_batches(tmp_path):
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_round_trip_with_shuffled_batches(tmp_path, compression):
     data = make_data()
     path = tmp_path / "s.zarr"
-    write_all(path, data).finish()
+    write_all(path, data, compression=compression).finish()
     reader = StoreReader(path)
     assert reader.num_samples == N == len(reader)
     assert reader.names == [s.name for s in SPECS]
@@ -123,17 +134,61 @@ def test_round_trip_with_shuffled_batches(tmp_path):
         np.testing.assert_array_equal(np.asarray(reader.array(name)[:]), ref)
 
 
-def test_direct_shard_reader_is_used_and_agrees_with_zarr(tmp_path):
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_every_read_engine_agrees_with_zarr(tmp_path, compression):
     data = make_data()
     path = tmp_path / "s.zarr"
-    write_all(path, data)
+    write_all(path, data, compression=compression)
     reader = StoreReader(path)
-    idx = np.array([36, 0, 17, 9, 8, 31])
+    idx = np.array([36, 0, 17, 9, 8, 31, 0])
     for name in ("tokens", "tokens_q", "moments", "labels"):
-        arr, fast = reader._get(name)
-        assert fast is not None, f"{name} should take the direct shard path"
-        np.testing.assert_array_equal(reader.read(name, idx), np.asarray(arr.oindex[np.sort(idx)])[np.argsort(np.argsort(idx))])
-    assert reader._get("keys")[1] is None  # strings go through zarr
+        assert reader._get(name)[0] == "shard", f"{name} should take the direct shard reader"
+        ref = np.asarray(reader.array(name).oindex[np.unique(idx)])[np.unique(idx, return_inverse=True)[1]]
+        np.testing.assert_array_equal(ref, data[name][idx])
+        for engine in ("auto", "shard", "tensorstore", "zarr"):
+            got = reader.read(name, idx, engine=engine)
+            assert got.dtype == ref.dtype and got.tobytes() == ref.tobytes(), (name, engine)
+    assert reader._get("keys")[0] == "zarr"  # strings go through zarr
+    with pytest.raises(ValueError, match="strings"):
+        reader.read("keys", [0], engine="tensorstore")
+    # several reads in flight on every engine, waited for in any order
+    for engine in ("shard", "tensorstore"):
+        pending = [reader.read_async("tokens", idx[:k], engine=engine) for k in (6, 2, 4)]
+        for k, p in zip((4, 2, 6), pending[::-1], strict=True):
+            np.testing.assert_array_equal(p.result(), data["tokens"][idx[:k]])
+
+
+def test_arrays_in_another_layout_are_read_through_tensorstore(tmp_path):
+    """A numeric array in a layout the shard reader does not know (its shard index at the start of the
+    file, as another Zarr writer may put it) is read through tensorstore, with the same values."""
+    path = tmp_path / "s.zarr"
+    data = make_data()
+    write_all(path, data)
+    shutil.rmtree(path / "moments")
+    arr = zarr.create_array(str(path / "moments"), shape=(N, 2, 3, 3), dtype="float32", chunks=(1, 2, 3, 3),
+                            shards={"shape": (S, 2, 3, 3), "index_location": "start"}, compressors=None, fill_value=0)
+    arr[:] = data["moments"]
+    reader = StoreReader(path, allow_incomplete=True)  # the rewritten shard files no longer match the markers
+    assert reader._get("moments")[0] == "tensorstore"
+    idx = [36, 3, 3, 20]
+    np.testing.assert_array_equal(reader.read("moments", idx), data["moments"][idx])
+    with pytest.raises(ValueError, match="shard reader"):
+        reader.read("moments", idx, engine="shard")
+
+
+def test_stores_written_before_tensorstore_are_read_unchanged():
+    """A store written by the previous writer (zarr-python writes, Blosc-zstd) is a committed
+    fixture: the reader gives back make_data() from it, and a writer of the same layout keeps it."""
+    fixture = ROOT / "tests" / "data" / "store-before-tensorstore.zarr"
+    data = make_data()
+    reader = StoreReader(fixture)
+    assert reader.verify(deep=True) is None
+    perm = np.random.default_rng(2).permutation(N)
+    for name, ref in data.items():
+        assert reader.read(name, perm).tobytes() == ref[perm].tobytes(), name
+    writer = StoreWriter(fixture, N, SPECS, S, ATTRS)  # the default compression differs: still the same store
+    writer.create()
+    assert writer.done() == {a for a, _ in writer.ranges()}
 
 
 def test_keys_round_trip(tmp_path):
@@ -148,19 +203,19 @@ def test_keys_round_trip(tmp_path):
     assert list(map(str, reader.array("keys")[:])) == list(keys)
 
 
-def test_reader_pickles_and_reads_in_forked_and_pickled_workers(tmp_path):
+def test_reader_pickles_and_reads_in_worker_processes(tmp_path):
     data = make_data()
     path = tmp_path / "s.zarr"
     write_all(path, data)
     reader = StoreReader(path)
-    reader.read("tokens", [0, 1])  # open arrays (and zarr's IO thread) in the parent first
+    reader.read("tokens", [0, 1])  # open arrays (and tensorstore's thread pools) in the parent first
     clone = pickle.loads(pickle.dumps(reader))
     assert clone._open == {}
     np.testing.assert_array_equal(clone.read("tokens", [3, 2]), data["tokens"][[3, 2]])
-    with mp.get_context("fork").Pool(1) as pool:
+    with mp.get_context("forkserver").Pool(1) as pool:
         got = pool.apply(_read_in_child, (reader, "moments", [30, 4]))
     np.testing.assert_array_equal(got, data["moments"][[30, 4]])
-    with mp.get_context("fork").Pool(1) as pool:
+    with mp.get_context("forkserver").Pool(1) as pool:
         got = pool.apply(_read_keys_in_child, (reader,))
     assert got == list(data["keys"][:3])
 
@@ -388,7 +443,7 @@ def test_parallel_writers_on_different_ranges(tmp_path):
     writer = StoreWriter(path, N, SPECS, S, ATTRS)
     writer.create()
     ranges = writer.ranges()
-    with mp.get_context("fork").Pool(2) as pool:
+    with mp.get_context("forkserver").Pool(2) as pool:
         pool.starmap(_write_one, [(writer, a, b) for a, b in ranges])
     writer.finish()
     clean = tmp_path / "clean.zarr"

@@ -47,9 +47,11 @@ class StoreJob:
     attrs: dict[str, Any]
     batch_size: int
     keys_width: int  # fixed width of the `keys` string array
+    compression: str = "none"  # inside the shards of numeric arrays: "none" or "zstd"
 
     def writer(self, num_samples: int) -> StoreWriter:
-        return StoreWriter(self.store, num_samples, list(self.specs), self.samples_per_shard, self.attrs)
+        return StoreWriter(self.store, num_samples, list(self.specs), self.samples_per_shard, self.attrs,
+                           compression=self.compression)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,8 +79,8 @@ def _batches(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def compute_range(job: StoreJob, index: ShardIndex, extractor: Extractor, device: torch.device,
-                  start: int, stop: int, tick: Callable[[int], None] | None = None) -> None:
-    """Compute samples [start, stop) batch by batch and publish them as one range."""
+                  start: int, stop: int, tick: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Compute samples [start, stop) batch by batch: the range's arrays, as write_range takes them."""
     parts: dict[str, list[np.ndarray]] = {}
     for lo, hi in _batches(start, stop, job.batch_size):
         images = np.stack([index.read_image(i) for i in range(lo, hi)])  # [b, H, W, 3] uint8
@@ -92,7 +94,25 @@ def compute_range(job: StoreJob, index: ShardIndex, extractor: Extractor, device
     arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     arrays["keys"] = np.asarray(index.keys[start:stop], dtype=f"<U{job.keys_width}")
     arrays["labels"] = index.labels[start:stop].astype(np.int64)
-    job.writer(len(index)).write_range(start, stop, arrays)
+    return arrays
+
+
+def compute_ranges(job: StoreJob, index: ShardIndex, extractor: Extractor, device: torch.device,
+                   ranges: list[tuple[int, int]], tick: Callable[[int], None] | None = None) -> None:
+    """Compute and publish `ranges` in order. A background thread publishes range k (tensorstore
+    write, sha256, fsync, rename) while range k+1 is computed, so writing costs the device nothing
+    unless it is slower than the compute; at most two ranges are in memory. A failed publication
+    raises here, at the latest when the last range is done."""
+    writer = job.writer(len(index))
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="publish") as pool:
+        pending: cf.Future | None = None
+        for start, stop in ranges:
+            arrays = compute_range(job, index, extractor, device, start, stop, tick)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_range, start, stop, arrays)
+        if pending is not None:
+            pending.result()
 
 
 def _worker(job: StoreJob, extractor: Extractor, device_name: str, worker: int,
@@ -102,8 +122,7 @@ def _worker(job: StoreJob, extractor: Extractor, device_name: str, worker: int,
     device = resolve_device(device_name, worker)
     index = ShardIndex(list(job.shards))
     extractor.setup(device)
-    for start, stop in ranges:
-        compute_range(job, index, extractor, device, start, stop)
+    compute_ranges(job, index, extractor, device, ranges)
     return sum(stop - start for start, stop in ranges)
 
 
@@ -141,8 +160,7 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
         elif num_workers == 1 or len(todo) == 1:
             dev = resolve_device(device)
             extractor.setup(dev)
-            for start, stop in todo:
-                compute_range(job, index, extractor, dev, start, stop, tick=bar.update)
+            compute_ranges(job, index, extractor, dev, todo, tick=bar.update)
         else:
             _run_processes(job, extractor, device, num_workers, todo, bar)
     finally:
