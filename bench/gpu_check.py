@@ -11,7 +11,8 @@ way a user would, and prints one line per path:
   gradient-angle trigger), train repa with torch.compile (when torch offers it), sample ODE (Heun)
   and SDE (fp32 with TF32 matmuls, and bf16 autocast), evaluate (Inception on the GPU), and
   bench/bench_models.py for SiT-B/2 and SiT-XL/2 at batch 64 in bf16 (images/s and model FLOP
-  utilisation).
+  utilisation), bench/bench_loader.py (W = 0, 2, 4 loader processes at the ImageNet-256 geometry) and
+  bench/bench_train_step.py (cached vs online teacher, SiT-B/2 + DINOv2-B/14 at batch 64, bf16).
 
 Nothing needs Ray or the network. Without a CUDA device it prints "no CUDA device: gpu-check needs
 one" and exits 0, so the Makefile target never fails a CPU machine; `--device cpu` runs the same
@@ -301,6 +302,28 @@ def _run_paths(check: Check, gpu: bool, compile_ok: bool, bench: bool) -> None:
         return "; ".join(parts)
 
     check.run("bench models bf16", ["bench/bench_models.py", *bench_args], benched)
+
+    def loaded(stdout: str) -> str:
+        rows = [json.loads(line) for line in stdout.splitlines()]
+        return "; ".join(f"W={r['workers']} P={r['prefetch']} {r['samples_per_s']:.0f}/s" for r in rows)
+
+    loader_args = (["--workers", "0", "2", "4"] if gpu else
+                   ["--num", "256", "--per-shard", "128", "--batch", "32", "--tokens", "16", "--dim", "384",
+                    "--steps", "3", "--workers", "0", "1"])
+    check.run("bench loader", ["bench/bench_loader.py", *loader_args], loaded)
+    if not gpu:
+        check.skip("bench train step", "its CPU preset takes minutes: python bench/bench_train_step.py")
+        return
+
+    def stepped(stdout: str) -> str:
+        rows = [json.loads(line) for line in stdout.splitlines()]
+        parts = [f"{r['align']}+{r['cache']} {r['images_per_s']} img/s" for r in rows if r["bench"] == "train_step"]
+        ratios = rows[-1]
+        return "; ".join(parts) + (f"; online/tokens {ratios['repa_online_over_tokens']}x, "
+                                   f"online/hidden {ratios['haste_online_over_hidden']}x")
+
+    check.run("bench train step bf16", ["bench/bench_train_step.py", "--preset", "gpu", "--batch", "64", "--steps", "5"],
+              stepped)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ TEACHER_KEYS = (
 )
 # Fields that say how a run executes, not what it computes.
 TRAIN_EXECUTION = {"name", "launcher", "num_workers", "use_gpu", "log_every", "sample_every", "grid",
-                   "loader_workers", "max_failures"}
+                   "loader_workers", "prefetch", "max_failures"}
 MODEL_KEYS = ("model.name", "model.num_classes", "model.class_dropout", "model.use_rope", "model.use_swiglu")
 SAMPLE_KEYS = tuple(f"sample.{k}" for k in ("num", "labels", "sampler", "heun", "heun_guidance", "steps",
                                              "cfg_scale", "guidance_low", "guidance_high", "precision", "seed",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from pipeline.models.output import ModelOutput
 from pipeline.teachers.targets import TeacherTargets
 from pipeline.train import EMA, TrainDataset, training_loop
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.data import ThreadLoader
 
 C, H, N, NUM_CLASSES = 2, 4, 24, 3
 TESTS = Path(__file__).resolve().parent
@@ -179,6 +181,78 @@ def test_teacher_is_read_only_while_needed():
     assert ds.teacher_reads == reader.calls == 2
     b = ds[1]
     assert torch.equal(b["teacher"]["tokens"], torch.from_numpy(tokens[b["index"].numpy()]))
+
+
+@pytest.mark.parametrize("workers,prefetch", [(0, 0), (0, 3), (1, 2)])
+def test_loaders_hand_out_the_items_the_data_defines(workers, prefetch):
+    tokens = np.random.default_rng(0).normal(size=(N, 4, 8)).astype(np.float16)
+    ds = dataset(teacher=TokenReader(tokens), batch_size=8)
+    loader = ds.loader(2, 9, workers, prefetch=prefetch)
+    assert isinstance(loader, ThreadLoader) == (workers == 0 and prefetch > 0)
+    got = list(loader)
+    assert len(got) == 7
+    for step, item in zip(range(2, 9), got, strict=True):
+        ref = ds.item(step)
+        for key in ("x0", "eps", "t", "y", "index", "flip"):
+            assert torch.equal(item[key], ref[key]), (step, key)
+        assert torch.equal(item["teacher"]["tokens"], ref["teacher"]["tokens"])
+
+
+def test_store_readers_of_the_job_feed_loader_processes(tmp_path):
+    """The training job's readers over real stores pickle into loader processes, which start from a
+    fork server: the parent has used tensorstore (writing the stores), and a forked child using it
+    would abort."""
+    from jobs.train import StoreArrays
+    from pipeline.stores.zarr_store import ArraySpec, StoreReader, StoreWriter
+
+    moments, labels = store()
+    tokens = np.random.default_rng(1).normal(size=(N, 4, 8)).astype(np.float16)
+    writer = StoreWriter(tmp_path / "s.zarr", N, [ArraySpec("moments", moments.shape[1:], "float32"),
+                                                  ArraySpec("tokens", (4, 8), "float16"),
+                                                  ArraySpec("tokens_scale", (4, 1), "float16")], 16)
+    writer.create()
+    for a, b in writer.ranges():
+        writer.write_range(a, b, {"moments": moments[a:b], "tokens": tokens[a:b], "tokens_scale": tokens[a:b, :, :1]})
+    reader = StoreReader(tmp_path / "s.zarr")
+    ds = TrainDataset(StoreArrays(reader, "moments"), labels, num_classes=NUM_CLASSES, batch_size=8,
+                      teacher=StoreArrays(reader, {"tokens": "tokens", "tokens_scale": "tokens_scale"}))
+    ds.item(0)  # the parent reads first
+    got = list(ds.loader(0, 4, workers=1, prefetch=2))
+    for step, item in enumerate(got):
+        idx = ds.indices(step)
+        assert torch.equal(item["teacher"]["tokens"], torch.from_numpy(tokens[idx]))
+        assert torch.equal(item["teacher"]["tokens_scale"], torch.from_numpy(tokens[idx, :, :1]))
+        assert torch.equal(item["x0"], ds.item(step)["x0"])
+
+
+def test_thread_loader_builds_ahead_raises_in_order_and_stops_when_left():
+    built: list[int] = []
+
+    class Items:
+        def __getitem__(self, key):
+            built.append(key)
+            if key == 5:
+                raise OSError("shard 5 unreadable")
+            return {"step": torch.tensor(key)}
+
+    loader = ThreadLoader(Items(), range(8), depth=2)
+    it = iter(loader)
+    assert int(next(it)["step"]) == 0
+    deadline = time.monotonic() + 5
+    while len(built) < 4 and time.monotonic() < deadline:  # 1 handed out + 2 queued + 1 waiting to be queued
+        time.sleep(0.01)
+    assert built[:4] == [0, 1, 2, 3]
+    assert [int(next(it)["step"]) for _ in range(4)] == [1, 2, 3, 4]
+    with pytest.raises(OSError, match="shard 5"):  # the failing item's error, after the items before it
+        next(it)
+    built.clear()
+    it = iter(ThreadLoader(Items(), range(100, 10_000), depth=2))
+    next(it)
+    it.close()  # leaving early: the thread stops after the item it is building
+    time.sleep(0.5)
+    settled = len(built)
+    time.sleep(0.3)
+    assert len(built) == settled <= 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,9 +539,9 @@ class StopTrigger:
         return -1.0 if len(objective.batches) == self.stop else 0.5  # batches seen = updates done
 
 
-@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("workers,prefetch", [(0, 0), (0, 4), (1, 2), (2, 2)])
 @pytest.mark.parametrize("switch", ["tau", "trigger", "checks only"])
-def test_no_teacher_bytes_are_read_after_switch_off_with_loader_workers(tmp_path, workers, switch):
+def test_no_teacher_bytes_are_read_after_switch_off_with_loader_workers(tmp_path, workers, prefetch, switch):
     # alignment ends at step 4: by tau, or by the trigger's check after 4 updates (it also checks after
     # 2); "checks only": the checks never stop it. Loader processes must read no teacher arrays for a
     # step >= 4, however far ahead they prefetch, and every step must see the batch the data defines.
@@ -478,7 +552,7 @@ def test_no_teacher_bytes_are_read_after_switch_off_with_loader_workers(tmp_path
     obj = Terminable(tau=end if switch == "tau" else 100)
     trigger = None if switch == "tau" else StopTrigger((2, end), stop=end if switch == "trigger" else None)
     training_loop(**loop_args(tmp_path / "run", steps=steps, checkpoint_every=steps, loader_workers=workers,
-                              dataset=dataset(teacher=RecordingReader(tokens, log)), build_objective=lambda m: obj,
+                              prefetch=prefetch, dataset=dataset(teacher=RecordingReader(tokens, log)), build_objective=lambda m: obj,
                               teacher_source=lambda arrays, step: TeacherTargets(tokens=arrays["tokens"].float()),
                               trigger=trigger))
 

@@ -26,16 +26,25 @@ samples were mirrored.
 `TrainDataset` is a map-style torch Dataset whose item s is worker r's share of step s, so a
 DataLoader(batch_size=None, sampler=range(start_step, steps)) resumes anywhere.
 
-Teacher reads under loader processes. A loader process holds a copy of the dataset made when its
-iterator started, so a decision the training process takes later (HASTE's termination) would never
-reach it. `loader(..., read_teacher=f)` therefore keys items (step, f(step)): f is called in the
-training process when the DataLoader hands step s to a loader process (up to prefetch_factor x
-workers steps ahead), and the process reads teacher arrays for s only if f said so.
+Loading ahead. `loader(..., workers=W, prefetch=P)` builds items ahead of the training step: in W
+loader processes, P items each (DataLoader's prefetch_factor), or, with W = 0, in one background
+thread of the training process, P items ahead (the store reads and the numpy/torch work release the
+GIL). P = 0 with W = 0 builds each item when the loop asks for it. Loader processes start from a
+fork server, never by forking the training process (tensorstore's thread pools do not survive a
+fork: it aborts the child; nor does a CUDA context), so the dataset and its readers must pickle.
+
+Teacher reads ahead of time. A loader process holds a copy of the dataset made when its iterator
+started, so a decision the training process takes later (HASTE's termination) would never reach it.
+`loader(..., read_teacher=f)` therefore keys items (step, f(step)): f is called in the training
+process when step s is handed to a loader process or to the background thread (up to P x max(W, 1)
+steps ahead), and the item holds teacher arrays for s only if f said so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -247,15 +256,83 @@ class TrainDataset(Dataset):
         self,
         start_step: int,  # first item
         steps: int,  # one past the last item
-        workers: int = 0,  # loader processes (0 = items are built in this process, when asked for)
+        workers: int = 0,  # loader processes (0 = items are built in this process)
         pin_memory: bool = False,  # page-locked batches (for CUDA)
         read_teacher: Callable[[int], bool] | None = None,  # step -> read its teacher arrays? (StepSampler)
-    ) -> DataLoader:
-        """A DataLoader yielding items start_step .. steps-1 in order, prepared by `workers` processes."""
+        prefetch: int = 2,  # items built ahead per loader process, or by a thread when workers = 0
+    ) -> Iterable[dict]:
+        """Items start_step .. steps-1 in order, built ahead by `workers` processes or one thread."""
+        if prefetch < 0 or workers < 0:
+            raise ValueError(f"loader workers ({workers}) and prefetch ({prefetch}) must be >= 0")
+        sampler = StepSampler(start_step, steps, read_teacher)
+        if workers == 0 and prefetch > 0:
+            return ThreadLoader(self, sampler, prefetch, pin_memory)
         return DataLoader(
-            self, batch_size=None, sampler=StepSampler(start_step, steps, read_teacher), num_workers=workers,
-            pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
+            self, batch_size=None, sampler=sampler, num_workers=workers,
+            pin_memory=pin_memory, prefetch_factor=max(1, prefetch) if workers > 0 else None,
+            multiprocessing_context="forkserver" if workers > 0 else None,
         )
+
+
+class ThreadLoader:
+    """`dataset[key]` for the keys in order, built up to `depth` items ahead by one daemon thread.
+
+    An error in the thread is raised in the consumer at the item that failed; leaving the iteration
+    early stops the thread after the item it is building.
+    """
+
+    _END = object()
+
+    def __init__(self, dataset: Dataset, keys: Iterable, depth: int, pin_memory: bool = False):
+        self.dataset, self.keys, self.depth, self.pin_memory = dataset, keys, int(depth), pin_memory
+
+    def __len__(self) -> int:
+        return len(self.keys)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict]:
+        slots: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def put(entry: tuple) -> bool:
+            while not stop.is_set():
+                try:
+                    slots.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for key in self.keys:
+                    item = self.dataset[key]
+                    if not put((_pin(item) if self.pin_memory else item, None)):
+                        return
+                put((self._END, None))
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer
+                put((None, err))
+
+        thread = threading.Thread(target=work, name="repa-loader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item, err = slots.get()
+                if err is not None:
+                    raise err
+                if item is self._END:
+                    return
+                yield item
+        finally:
+            stop.set()
+
+
+def _pin(item):
+    """`item` with every tensor in page-locked memory (nested dicts followed)."""
+    if isinstance(item, torch.Tensor):
+        return item.pin_memory()
+    if isinstance(item, dict):
+        return {k: _pin(v) for k, v in item.items()}
+    return item
 
 
 class StepSampler(Sampler):

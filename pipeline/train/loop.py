@@ -205,13 +205,14 @@ def _stop_if_non_finite(first_bad: torch.Tensor, steps: int, last_checkpoint: Pa
 
 class TeacherReads:
     """Which steps' items are built with teacher arrays; called in the training process when the
-    DataLoader asks for item s (see pipeline.train.data.StepSampler), up to prefetch_factor x
-    loader_workers steps before step s is trained.
+    loader asks for item s (see pipeline.train.data.StepSampler), up to prefetch x max(1,
+    loader_workers) steps before step s is trained.
 
     s is read when `needs(s)` holds and no trigger check that could still switch alignment off comes
     first (a check after c updates may end it from step c on). While one at c <= s has not run, s is
     deferred: its item comes without teacher arrays and `take(s)` tells the loop, when step s is
-    trained, whether to read them itself. Without loader processes nothing is ever deferred.
+    trained, whether to read them itself. Without loading ahead (no loader processes, prefetch 0) nothing
+    is ever deferred.
     """
 
     def __init__(self, needs: Callable[[int], bool], trigger: Any, checked: int):
@@ -378,6 +379,7 @@ def training_loop(
     world_size: int = 1,  # number of workers (WorkerContext.world_size); > 1 needs torch.distributed
     device: torch.device | str | None = None,  # this worker's device (WorkerContext.device); None = CUDA if any
     loader_workers: int = 0,  # DataLoader processes per worker (0 = load in this process)
+    prefetch: int = 0,  # batches built ahead per loader process (>= 1 used), or by a thread when loader_workers = 0
     resume: str = "auto",  # auto (newest checkpoint, if any) | never (start over) | path of a checkpoint
     restore_dir: str | Path | None = None,  # also searched by resume=auto: a launcher's restored checkpoint (Ray)
     report_fn: Callable[[dict[str, float], str | None], None] | None = None,  # every rank at each checkpoint (Ray)
@@ -454,7 +456,8 @@ def training_loop(
     if dataset.teacher is not None:
         needs_rule = dataset.needs_teacher if dataset.needs_teacher is not None else objective.needs_teacher
         reads = TeacherReads(needs_rule, trigger, checked=start if start > 0 else -1)  # start 0: check 0 pending
-    batches = iter(dataset.loader(start, steps, loader_workers, pin_memory=device.type == "cuda", read_teacher=reads))
+    batches = iter(dataset.loader(start, steps, loader_workers, pin_memory=device.type == "cuda", read_teacher=reads,
+                                  prefetch=prefetch))
 
     def maybe_trigger(done: int) -> None:
         """HASTE's gradient-angle check after `done` updates (trigger_start, + every, ...) while aligning.
