@@ -84,10 +84,10 @@ class StoreArrays:
     def __call__(self, idx: np.ndarray):
         if isinstance(self.names, str):
             return self.store.read(self.names, idx)
-        if len(self.names) == 1:
-            return {key: self.store.read(name, idx) for key, name in self.names.items()}
-        pending = {key: self.store.read_async(name, idx) for key, name in self.names.items()}
-        return {key: p.result() for key, p in pending.items()}
+        *ahead, (key, name) = self.names.items()  # the others in flight while this thread reads the last
+        pending = {k: self.store.read_async(n, idx) for k, n in ahead}
+        out = {key: self.store.read(name, idx)}
+        return {**{k: p.result() for k, p in pending.items()}, **out}
 
 
 class IngestImages:

@@ -433,10 +433,12 @@ class StoreWriter:
         else:
             with _quiet_zarr():
                 zarr.open_array(str(tmp_dir), mode="r+").with_config({"write_empty_chunks": True})[start:stop] = value
+        with _quiet_zarr():
+            encode_key = zarr.open_array(str(tmp_dir), mode="r").metadata.encode_chunk_key
         moves = []
         s = self.samples_per_shard
         for shard in range(start // s, (stop - 1) // s + 1):
-            key = _shard_key(tmp_dir, shard, len(spec.shape))
+            key = encode_key((shard,) + (0,) * len(spec.shape))
             src = tmp_dir / key
             if not src.is_file():
                 raise RuntimeError(f"no shard file {src} was written for range [{start}, {stop})")
@@ -465,15 +467,6 @@ class _Move(NamedTuple):
     key: str
     src: Path
     dst: Path
-
-
-def _shard_key(array_dir: Path, shard: int, sample_ndim: int) -> str:
-    """The chunk key of shard file `shard` of the array at `array_dir` (Zarr's default encoding)."""
-    encoding = json.loads((array_dir / "zarr.json").read_text())["chunk_key_encoding"]
-    if encoding.get("name") != "default":
-        raise ValueError(f"{array_dir}: chunk key encoding {encoding} is not Zarr's default, which stores use")
-    sep = encoding.get("configuration", {}).get("separator", "/")
-    return sep.join(["c", str(shard), *["0"] * sample_ndim])
 
 
 def _shard_ranges(num_samples: int, samples_per_shard: int) -> list[tuple[int, int]]:
