@@ -92,11 +92,13 @@ def _stage(name: str, force: bool, wait: bool = False) -> Callable:
 
 
 def _evaluate(force: bool, wait: bool) -> list[Callable]:
-    """The held-out reference images (eval.reference = "holdout") are ingested before `evaluate` reads them."""
+    """The held-out reference images (eval.reference = "holdout" or "source") are ingested before `evaluate`
+    reads them."""
 
     def reference(cfg) -> None:
-        if cfg.eval.reference == "holdout":
-            from jobs.layout import holdout_config
+        from jobs.layout import REFERENCE_IMAGES, holdout_config
+
+        if cfg.eval.reference in REFERENCE_IMAGES:
 
             _stage("ingest", False, wait)(holdout_config(cfg))
 
@@ -172,6 +174,20 @@ def eval_(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, for
         wait: WaitOpt = False) -> None:
     """sample, then evaluate."""
     _run(config, overrides, [_stage("sample", force, wait), *_evaluate(force, True)])
+
+
+@app.command()
+def floor(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, wait: WaitOpt = False) -> None:
+    """The reference's real-vs-real floor: FID and KID of one half of its images against the other."""
+
+    def show(cfg):
+        from jobs.evaluate import reference_floor
+
+        f = reference_floor(cfg)
+        print(f"floor: FID {f['fid']:.2f}, KID x1e3 {f['kid'] * 1e3:.2f} ({f['images_per_half']} vs "
+              f"{f['images_per_half']} images of {f['reference']})", flush=True)
+
+    _run(config, overrides, [_evaluate(False, wait)[0], show], plan=False)
 
 
 @app.command()

@@ -3,16 +3,19 @@
 Recipe (the stages are ordinary stages, so a rerun redoes only what changed):
   1. features once: ingest, encode, teacher (one store serves every method: with
      `teacher.cache = "hidden"` the store also holds the final tokens, which REPA and U-REPA read);
-  2. per method in `compare.methods`: train the same student with the same seed, data order and
-     step budget, `train.align` = that method;
-  3. per method and per step of `compare.checkpoints`: sample from that checkpoint's EMA weights
+  2. per method in `compare.methods` and seed in `compare.seeds`: train the same student with the
+     same data and step budget, `train.align` = that method, `train.seed` = that seed (init, data
+     order and noise; the methods share each seed's order);
+  3. per run and per step of `compare.checkpoints`: sample from that checkpoint's EMA weights
      (`sample.checkpoint`) and evaluate (FID, KID, ...) into `{run}/eval-step{N}`;
-  4. `{workdir}/compare/compare.md` (method x training images -> FID / KID), `compare.png` (FID
-     against training images, one line per method) and `compare.json`; the table is printed.
+  4. `{workdir}/compare/compare.md` (method x training images -> FID / KID: mean and best-worst seed;
+     the speed-ups; the reference's real-vs-real floor), `compare.png` (FID against training images,
+     a band per method) and `compare.json`; the table is printed.
 
-The speed-up of a method is the number of training images the `none` run needed for its final FID
-divided by the images this method needed to reach that FID (linearly interpolated between
-checkpoints), or "not reached" within the budget.
+The speed-up of a method is the number of training images the `none` runs needed for their final
+mean FID divided by the images this method's mean curve needed to reach it (linearly interpolated
+between checkpoints), or "not reached" within the budget. It is claimed only where it also holds
+for this method's worst seed against `none`'s best (`speedups`: "separated").
 """
 
 from __future__ import annotations
@@ -53,21 +56,32 @@ def checkpoints(cfg: ExperimentConfig) -> list[int]:
     return points
 
 
-def method_config(cfg: ExperimentConfig, method: str, step: int | None = None) -> ExperimentConfig:
-    """cfg with train.align = method (and sample.checkpoint = step), validated again."""
+def seeds(cfg: ExperimentConfig, method: str) -> list[int]:
+    """The train.seed values `method` runs with: compare.seeds (or train.seed alone), the first one only
+    for a method in compare.one_seed."""
+    all_seeds = list(cfg.compare.seeds) or [cfg.train.seed]
+    return all_seeds[:1] if method in cfg.compare.one_seed else all_seeds
+
+
+def method_config(cfg: ExperimentConfig, method: str, step: int | None = None,
+                  seed: int | None = None) -> ExperimentConfig:
+    """cfg with train.align = method (and sample.checkpoint = step, train.seed = seed), validated again."""
     data = cfg.model_dump(mode="json")
     data["train"]["align"] = method
     if step is not None:
         data["sample"]["checkpoint"] = step
+    if seed is not None:
+        data["train"]["seed"] = seed
     return ExperimentConfig.model_validate(data)
 
 
 def plan(cfg: ExperimentConfig) -> list[tuple[str, list[ExperimentConfig], list[ExperimentConfig]]]:
-    """[(method, [train config], [one sample/evaluate config per checkpoint])] in run order."""
+    """[(method, [train config per seed], [sample/evaluate config per seed and checkpoint])] in run order."""
     points = checkpoints(cfg)
     if BASELINE not in cfg.compare.methods:
         raise UsageError(f"compare.methods must include {BASELINE!r}: speed-ups are measured against it")
-    return [(m, [method_config(cfg, m)], [method_config(cfg, m, p) for p in points]) for m in cfg.compare.methods]
+    return [(m, [method_config(cfg, m, seed=s) for s in seeds(cfg, m)],
+             [method_config(cfg, m, p, s) for s in seeds(cfg, m) for p in points]) for m in cfg.compare.methods]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,59 +103,129 @@ def images_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
     return None
 
 
+def aggregate(per_seed: list[list[dict]]) -> list[dict]:
+    """Per checkpoint: mean, min and max over seeds of FID and KID (None where a seed lacks KID)."""
+    out = []
+    for points in zip(*per_seed, strict=True):
+        fids = [p["fid"] for p in points]
+        kids = [p["kid"] for p in points]
+        row = {"step": points[0]["step"], "images": points[0]["images"], "seeds": len(points),
+               "fid": sum(fids) / len(fids), "fid_min": min(fids), "fid_max": max(fids),
+               "kid": None, "kid_min": None, "kid_max": None}
+        if all(isinstance(k, float) for k in kids):
+            row.update(kid=sum(kids) / len(kids), kid_min=min(kids), kid_max=max(kids))
+        out.append(row)
+    return out
+
+
+def speedups(base: list[dict], row: list[dict]) -> dict:
+    """How much sooner `row` (aggregated points) reaches `base`'s FIDs.
+
+    mean:      base's last images / images at which row's mean curve reaches base's final mean FID;
+    separated: the same with row's worst seed per checkpoint (max FID) against base's best final seed
+               (min FID): a speed-up that holds although the seed ranges do not overlap;
+    per_checkpoint: for each base checkpoint, base's images / images row's mean curve needs for base's
+               mean FID there (the map of where the gain is).
+    None where the curve does not reach the target within the run.
+    """
+    def ratio(curve, target, images):
+        reach = images_to_reach(curve, target)
+        return images / reach if reach else None
+
+    mean = [(p["images"], p["fid"]) for p in row]
+    worst = [(p["images"], p["fid_max"]) for p in row]
+    last = base[-1]
+    return {"mean": ratio(mean, last["fid"], last["images"]),
+            "separated": ratio(worst, last["fid_min"], last["images"]),
+            "per_checkpoint": [ratio(mean, b["fid"], b["images"]) for b in base]}
+
+
 def collect(cfg: ExperimentConfig) -> dict:
     """Read every evaluation of the plan; a missing one is a usage error naming the stage."""
+    from jobs.evaluate import reference_floor
+
     rows = {}
     batch = cfg.train.batch_size
-    for method, (train_cfg,), evals in plan(cfg):
-        points = []
+    for method, train_cfgs, evals in plan(cfg):
+        per_seed: dict[int, list[dict]] = {}
         for ecfg in evals:
             path = layout.SPECS["evaluate"].directory(ecfg) / "metrics.json"
             if not path.is_file():
-                raise UsageError(f"{path} is missing: run `repa compare` (method {method}, checkpoint "
-                                 f"{ecfg.sample.checkpoint})")
+                raise UsageError(f"{path} is missing: run `repa compare` (method {method}, seed {ecfg.train.seed}, "
+                                 f"checkpoint {ecfg.sample.checkpoint})")
             m = json.loads(path.read_text())
-            points.append({"step": ecfg.sample.checkpoint, "images": ecfg.sample.checkpoint * batch,
-                           "fid": m["fid"], "kid": m.get("kid"), "kid_std": m.get("kid_std"),
-                           "precision": m.get("precision"), "recall": m.get("recall")})
-        manifest = layout.SPECS["train"].directory(train_cfg) / "manifest.json"
-        seconds = json.loads(manifest.read_text()).get("stats", {}).get("seconds") if manifest.is_file() else None
-        rows[method] = {"run": str(layout.SPECS["train"].directory(train_cfg)), "train_seconds": seconds,
-                        "points": points}
-    base = rows[BASELINE]["points"][-1]
+            per_seed.setdefault(ecfg.train.seed, []).append(
+                {"step": ecfg.sample.checkpoint, "images": ecfg.sample.checkpoint * batch, "fid": m["fid"],
+                 "kid": m.get("kid"), "kid_std": m.get("kid_std"), "precision": m.get("precision"),
+                 "recall": m.get("recall")})
+        seconds = []
+        for tcfg in train_cfgs:
+            manifest = layout.SPECS["train"].directory(tcfg) / "manifest.json"
+            seconds.append(json.loads(manifest.read_text()).get("stats", {}).get("seconds") if manifest.is_file() else None)
+        known = [s for s in seconds if s]
+        rows[method] = {"runs": [str(layout.SPECS["train"].directory(t)) for t in train_cfgs],
+                        "seeds": list(per_seed), "per_seed": per_seed, "points": aggregate(list(per_seed.values())),
+                        "train_seconds": sum(known) / len(known) if known else None}
+    base = rows[BASELINE]["points"]
     for row in rows.values():
-        reach = images_to_reach([(p["images"], p["fid"]) for p in row["points"]], base["fid"])
-        row["images_to_baseline_fid"] = reach
-        row["speedup"] = (base["images"] / reach) if reach else None
-    return {"baseline": BASELINE, "baseline_fid": base["fid"], "baseline_images": base["images"],
-            "num_samples": cfg.sample.num, "model": cfg.model.name, "teacher": f"{cfg.teacher.name} "
-            f"({cfg.teacher.weights}, {cfg.teacher.resolution}px)", "methods": rows}
+        row["speedup"] = speedups(base, row["points"])
+    try:
+        floor = reference_floor(cfg)
+    except UsageError as exc:
+        say("compare", f"no floor: {exc}")
+        floor = None
+    return {"baseline": BASELINE, "baseline_fid": base[-1]["fid"], "baseline_images": base[-1]["images"],
+            "num_samples": cfg.sample.num, "model": cfg.model.name, "conditional": cfg.model.num_classes > 0,
+            "teacher": f"{cfg.teacher.name} ({cfg.teacher.weights}, {cfg.teacher.resolution}px)",
+            "floor": floor, "methods": rows}
+
+
+def _fmt_range(p: dict, key: str, scale: float = 1.0) -> str:
+    if p[key] is None:
+        return "-"
+    if p["seeds"] == 1:
+        return f"{p[key] * scale:.1f}"
+    return f"{p[key] * scale:.1f} ({p[key + '_min'] * scale:.1f}-{p[key + '_max'] * scale:.1f})"
+
+
+def _fmt_speed(value: float | None) -> str:
+    return f"{value:.2f}x" if value else "not reached"
 
 
 def table(result: dict) -> str:
-    """The markdown table: one row per method, FID (KID x 1e3) per checkpoint, then the speed-up."""
+    """Markdown: FID per checkpoint (mean and min-max over seeds), then KID x 1e3 likewise, then the
+    speed-ups; the floor under the tables."""
     methods = result["methods"]
     images = [p["images"] for p in next(iter(methods.values()))["points"]]
-    head = "| method | " + " | ".join(f"{i / 1000:g}k img" for i in images) + " | train s | speed-up |"
-    lines = [head, "|" + "---|" * (len(images) + 3)]
+    cols = " | ".join(f"{i / 1000:g}k img" for i in images)
+    lines = [f"| method | seeds | {cols} | train s | speed-up (mean) | speed-up (worst seed vs best {result['baseline']}) |",
+             "|" + "---|" * (len(images) + 5)]
     for method, row in methods.items():
-        cells = []
-        for p in row["points"]:
-            kid = f" ({p['kid'] * 1e3:.1f})" if isinstance(p.get("kid"), float) else ""
-            cells.append(f"{p['fid']:.1f}{kid}")
-        if method == result["baseline"]:
-            speed = "1x (baseline)"
-        elif row["speedup"]:
-            speed = f"{row['speedup']:.2f}x"
-        else:
-            speed = "not reached"
+        cells = " | ".join(_fmt_range(p, "fid") for p in row["points"])
         secs = f"{row['train_seconds']:.0f}" if row["train_seconds"] else "?"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {secs} | {speed} |")
+        if method == result["baseline"]:
+            speed = "1x (baseline) | -"
+        else:
+            speed = f"{_fmt_speed(row['speedup']['mean'])} | {_fmt_speed(row['speedup']['separated'])}"
+        lines.append(f"| {method} | {len(row['seeds'])} | {cells} | {secs} | {speed} |")
+    lines += ["", f"| KID x 1e3 | {cols} |", "|" + "---|" * (len(images) + 1)]
+    for method, row in methods.items():
+        lines.append(f"| {method} | " + " | ".join(_fmt_range(p, "kid", 1e3) for p in row["points"]) + " |")
+    base_cols = " | ".join(f"{result['baseline']}'s {i / 1000:g}k-image FID" for i in images)
+    lines += ["", f"| speed-up to reach | {base_cols} |", "|" + "---|" * (len(images) + 1)]
+    for method, row in methods.items():
+        if method != result["baseline"]:
+            lines.append(f"| {method} | " + " | ".join(_fmt_speed(v) for v in row["speedup"]["per_checkpoint"]) + " |")
+    floor = result.get("floor")
+    if floor:
+        lines += ["", f"Floor (real vs real, {floor['images_per_half']} vs {floor['images_per_half']} reference "
+                      f"images): FID {floor['fid']:.1f}, KID x 1e3 {floor['kid'] * 1e3:.1f}."]
     return "\n".join(lines)
 
 
 def plot(result: dict) -> bytes:
-    """PNG of FID against training images, one line per method."""
+    """PNG of FID against training images: one line per method (the seeds' mean) in a band from the
+    best to the worst seed; the floor as a dotted line."""
     import io
 
     import matplotlib
@@ -152,13 +236,20 @@ def plot(result: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for method, row in result["methods"].items():
         xs = [p["images"] for p in row["points"]]
-        ax.plot(xs, [p["fid"] for p in row["points"]], marker="o", label=method)
+        line, = ax.plot(xs, [p["fid"] for p in row["points"]], marker="o",
+                        label=f"{method} ({len(row['seeds'])} seed{'s' if len(row['seeds']) > 1 else ''})")
+        if len(row["seeds"]) > 1:
+            ax.fill_between(xs, [p["fid_min"] for p in row["points"]], [p["fid_max"] for p in row["points"]],
+                            color=line.get_color(), alpha=0.2, lw=0)
     ax.axhline(result["baseline_fid"], color="grey", lw=0.8, ls="--", label=f"{result['baseline']} final")
+    if result.get("floor"):
+        ax.axhline(result["floor"]["fid"], color="black", lw=0.8, ls=":", label="real vs real floor")
     ax.set_xlabel("training images")
     ax.set_ylabel(f"FID ({result['num_samples']} samples)")
-    ax.set_title(f"{result['model']}, teacher {result['teacher']}", fontsize=9)
+    kind = "class-conditional" if result.get("conditional", True) else "unconditional"
+    ax.set_title(f"{result['model']} ({kind}), teacher {result['teacher']}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -174,9 +265,11 @@ def summarise(cfg: ExperimentConfig) -> Path:
     lines = [
         f"# Alignment comparison: {result['model']}, teacher {result['teacher']}",
         "",
-        f"FID (KID x 1e3) of {result['num_samples']} EMA samples per checkpoint; speed-up = training images the "
-        f"`{result['baseline']}` run needed for its final FID {result['baseline_fid']:.2f} / images this method "
-        "needed to reach it (interpolated between checkpoints).",
+        f"FID of {result['num_samples']} EMA samples per checkpoint: the mean over seeds (best-worst seed). "
+        f"Speed-up (mean) = training images the `{result['baseline']}` run needed for its final mean FID "
+        f"{result['baseline_fid']:.2f} / images this method's mean curve needed to reach it (interpolated "
+        "between checkpoints); the worst-seed column asks the same of this method's worst seed against the "
+        f"best `{result['baseline']}` seed, so it counts only where the seed ranges do not overlap.",
         "",
         md,
         "",

@@ -15,6 +15,7 @@ Recipe:
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,19 +43,26 @@ MAX_PR_REFERENCE = 10_000  # reference images used for precision/recall (ADM's r
 # ----------------------------------------------------------------------------------------------
 
 
-def _ingest_reference_images(cfg: ExperimentConfig, run) -> tuple[Path, Manifest]:
+def _ingest_reference_images(cfg: ExperimentConfig, run=None) -> tuple[Path, Manifest]:
     """The ingest output whose images are the reference: the training shards, or a held-out split
-    (ingested beforehand by `repa evaluate`, from layout.holdout_config)."""
+    (ingested beforehand by `repa evaluate`, from layout.holdout_config). `run`: the evaluate stage's
+    run, whose checked inputs hold the training shards (None: looked up)."""
     e = cfg.eval
-    if e.reference == "ingest":
+    if e.reference == "ingest" and run is not None:
         return run.upstream["ingest"].path, run.inputs["ingest"]
-    state = layout.states(layout.holdout_config(cfg), upto="ingest")["ingest"]
+    if e.reference == "ingest":
+        state = layout.states(cfg, upto="ingest")["ingest"]
+        if state.state != "up-to-date" or state.manifest is None:
+            raise UsageError(f"the training images (eval.reference = ingest) are {state.state} at {state.path}: "
+                             "run `repa ingest` first")
+        return state.path, state.manifest
+    held = layout.holdout_config(cfg)
+    state = layout.states(held, upto="ingest")["ingest"]
+    span = f"images {e.reference_offset}..{e.reference_offset + e.reference_limit if e.reference_limit else 'end'}"
     if state.state != "up-to-date" or state.manifest is None:
-        raise UsageError(f"the held-out reference images (eval.reference = holdout, images {e.reference_offset}.."
-                         f"{e.reference_offset + e.reference_limit}) are {state.state} at {state.path}: "
-                         "run `repa evaluate`, which ingests them first")
-    say("evaluate", f"reference: held-out images {e.reference_offset}..{e.reference_offset + e.reference_limit} "
-                    f"of {cfg.data.source}:{cfg.data.path}")
+        raise UsageError(f"the held-out reference images (eval.reference = {e.reference}, {span}) are "
+                         f"{state.state} at {state.path}: run `repa evaluate`, which ingests them first")
+    say("evaluate", f"reference: held-out {span} of {held.data.source}:{held.data.path}")
     return state.path, state.manifest
 
 
@@ -67,13 +75,14 @@ def _features(*args, **kwargs) -> dict:
 
 
 def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict, np.ndarray | None, str]:
-    """(mu/sigma/mu_s/sigma_s, pool features for precision/recall or None, a description)."""
+    """(mu/sigma/mu_s/sigma_s, pool features for precision/recall or None, a description).
+    `run`: the evaluate stage's run, or None outside the stage (`repa floor`)."""
     e = cfg.eval
-    if e.reference not in ("ingest", "holdout"):
+    if e.reference not in ("ingest", *layout.REFERENCE_IMAGES):
         path = Path(e.reference)
         if not path.is_file():
             raise UsageError(f"eval.reference = {e.reference}: no such file; give an ADM reference batch .npz "
-                             "(e.g. VIRTUAL_imagenet256_labeled.npz) or 'ingest' / 'holdout'")
+                             "(e.g. VIRTUAL_imagenet256_labeled.npz) or 'ingest' / 'holdout' / 'source'")
         ref = load_reference(path)
         pool = None
         if ref.images is not None:
@@ -100,6 +109,49 @@ def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict,
         atomic_write_npz(cache, **data)
     pool = data.pop("pool")
     return data, pool, f"{shards_dir} ({len(pool)} images for precision/recall)"
+
+
+def floor_metrics(pool: np.ndarray) -> dict:
+    """FID and KID of the first half of `pool` [n, 2048] against the second: what two disjoint sets
+    of real images of this size score against each other. Halves of n // 2 (an odd last row is left
+    out); FID from each half's mean and covariance, KID unbiased (kid.py)."""
+    half = len(pool) // 2
+    if half < 2:
+        raise UsageError(f"the reference floor needs at least 4 reference images, got {len(pool)}")
+    a, b = pool[:half].astype(np.float64), pool[half : 2 * half].astype(np.float64)
+    kid, kid_std = kernel_inception_distance(a, b)
+    fid = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    return {"fid": float(fid), "kid": float(kid), "kid_std": float(kid_std), "images_per_half": half}
+
+
+def reference_floor(cfg: ExperimentConfig) -> dict:
+    """The real-vs-real floor of cfg's reference (floor_metrics of its pool features, the first
+    MAX_PR_REFERENCE images), computed once and cached as {workdir}/reference/floor-{hash}.json."""
+    e = cfg.eval
+    key = hashlib.sha256(canonical_json({k: getattr(e, k) for k in ("reference", "reference_offset", "reference_limit",
+                                                                   "reference_source", "reference_path", "inception")}
+                                        | {"fingerprint": _reference_fingerprint(cfg)}).encode()).hexdigest()[:16]
+    cache = Path(cfg.workdir) / "reference" / f"floor-{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    device = device_or_exit("eval.device", e.device)
+    try:
+        net = load_inception(e.inception, device)
+    except FileNotFoundError as exc:
+        raise UsageError(f"eval.inception: {exc}") from None
+    _, pool, desc = reference_statistics(cfg, None, net, device)
+    if pool is None:
+        raise UsageError(f"eval.reference = {e.reference} holds statistics but no images: the floor needs images")
+    result = floor_metrics(pool) | {"reference": desc}
+    atomic_write_json(cache, result)
+    return result
+
+
+def _reference_fingerprint(cfg: ExperimentConfig) -> str:
+    """What identifies the reference images: the ingest fingerprint, or the .npz path."""
+    if cfg.eval.reference not in ("ingest", *layout.REFERENCE_IMAGES):
+        return cfg.eval.reference
+    return _ingest_reference_images(cfg)[1].fingerprint
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -126,10 +127,15 @@ def _done(out: Path, index: int, fingerprint: str) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def select(items: list[SourceItem], offset: int, limit: int) -> list[SourceItem]:
-    """Items [offset, offset + limit) of the source (limit 0 = to the end)."""
+def select(items: list[SourceItem], offset: int, limit: int, order_seed: int | None = None) -> list[SourceItem]:
+    """Items [offset, offset + limit) of the source (limit 0 = to the end), in the source's order, or
+    (order_seed given) in the order of numpy's default_rng(order_seed).permutation(len(items)). Keys
+    stay the items' positions in the source, so a key names the same image in either order."""
     if offset >= len(items):
         raise UsageError(f"data.offset={offset} is past the end of the source ({len(items)} images)")
+    if order_seed is not None:
+        perm = np.random.default_rng(order_seed).permutation(len(items))
+        items = [items[i] for i in perm]
     end = len(items) if limit == 0 else min(len(items), offset + limit)
     return items[offset:end]
 
@@ -157,7 +163,7 @@ def ingest(cfg: ExperimentConfig, force: bool = False) -> None:
     d = cfg.data
     source = open_configured_source(cfg)
     try:
-        items = select(source.items(), d.offset, d.limit)
+        items = select(source.items(), d.offset, d.limit, d.order_seed if d.shuffled else None)
         num_classes = source_num_classes(source)
     except SourceError as exc:
         raise UsageError(str(exc)) from None
@@ -180,7 +186,9 @@ def ingest(cfg: ExperimentConfig, force: bool = False) -> None:
     ]
     if records:
         say("ingest", f"resuming: {len(records)} of {len(shards)} shards already written")
-    say("ingest", f"{len(items)} images from {d.source}:{d.path} -> {len(shards)} shards at {d.resolution}px")
+    order = f"shuffled (seed {d.order_seed})" if d.shuffled else "source order"
+    say("ingest", f"{len(items)} images from {d.source}:{d.path} ({order}, offset {d.offset}) -> {len(shards)} "
+                  f"shards at {d.resolution}px")
 
     bar = tqdm(total=sum(len(t.items) for t in todo), unit="img", desc="ingest", dynamic_ncols=True)
     try:
@@ -223,5 +231,6 @@ def ingest(cfg: ExperimentConfig, force: bool = False) -> None:
         stats={"images": count, "skipped": len(skipped), "shards": len(ordered),
                "images_per_s_written": round(bar.n / seconds, 1), "workers": d.num_workers},
         extra={"num_images": count, "num_classes": num_classes, "resolution": d.resolution,
+               "order": "shuffled" if d.shuffled else "source", "order_seed": d.order_seed if d.shuffled else None,
                "shards": [r["name"] for r in ordered], "skipped": skipped},
     )

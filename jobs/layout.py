@@ -41,6 +41,12 @@ INGEST_KEYS = tuple(
     for k in ("source", "path", "resolution", "limit", "offset", "on_error", "shard_size",
               "synthetic_count", "synthetic_classes", "seed")
 )
+
+
+def ingest_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """INGEST_KEYS, plus the order keys when the order is a seeded permutation (data.order was added
+    after ingests existed: those in the source's order keep their fingerprints)."""
+    return INGEST_KEYS + (("data.shuffled", "data.order_seed") if cfg.data.shuffled else ())
 LATENT_KEYS = ("vae.name", "vae.weights", "vae.flip", "vae.precision", "stores.samples_per_shard")
 TEACHER_KEYS = (
     "teacher.name", "teacher.weights", "teacher.resolution", "teacher.cache", "teacher.dtype",
@@ -57,11 +63,16 @@ EVAL_KEYS = ("eval.reference", "eval.reference_offset", "eval.reference_limit", 
              "eval.splits", "eval.k")
 
 
+# align.* fields added after runs existed: in a fingerprint only when set away from these defaults.
+ALIGN_ADDED = {"projector": "mlp", "spatial_norm": False, "spatial_norm_gamma": 1.0}
+
+
 def align_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
     """The align.* fields the configured objective declares as shaping its result."""
     from pipeline.align.registry import objective_class
 
-    return tuple(f"align.{f}" for f in objective_class(cfg.train.align).config_fields)
+    return tuple(f"align.{f}" for f in objective_class(cfg.train.align).config_fields
+                 if getattr(cfg.align, f) != ALIGN_ADDED.get(f, object()))
 
 
 # Fields added after runs existed: they enter a run's fingerprint and name only when set, so runs
@@ -141,12 +152,20 @@ def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | No
 # ----------------------------------------------------------------------------------------------
 
 
+REFERENCE_IMAGES = ("holdout", "source")  # eval.reference values ingested on the side
+
+
 def holdout_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The config whose ingest stage holds eval.reference = "holdout"'s images:
-    {workdir}/reference/holdout/ingest, images eval.reference_offset .. + eval.reference_limit."""
+    """The config whose ingest stage holds the reference images of eval.reference = "holdout" (the
+    training source) or "source" (eval.reference_source / reference_path): {workdir}/reference/{kind}/ingest,
+    images eval.reference_offset .. + eval.reference_limit."""
+    e = cfg.eval
     held = cfg.model_copy(deep=True)
-    held.workdir = str(Path(cfg.workdir) / "reference" / "holdout")
-    held.data.offset, held.data.limit = cfg.eval.reference_offset, cfg.eval.reference_limit
+    held.workdir = str(Path(cfg.workdir) / "reference" / e.reference)
+    if e.reference == "source":
+        held.data.source = e.reference_source or cfg.data.source
+        held.data.path = e.reference_path
+    held.data.offset, held.data.limit = e.reference_offset, e.reference_limit
     return held
 
 
@@ -182,8 +201,14 @@ def _eval_inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 
 def _eval_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
-    if cfg.eval.reference == "holdout":
-        return EVAL_KEYS + ("data.source", "data.path", "data.resolution")
+    """EVAL_KEYS, plus what selects the reference images when they are ingested on the side."""
+    if cfg.eval.reference in REFERENCE_IMAGES:
+        held = holdout_config(cfg)
+        keys = ("data.source", "data.path", "data.resolution") + (
+            ("data.shuffled", "data.order_seed") if held.data.shuffled else ())
+        if cfg.eval.reference == "source":
+            keys += ("eval.reference_source", "eval.reference_path")
+        return EVAL_KEYS + keys
     return EVAL_KEYS
 
 
@@ -214,7 +239,7 @@ def variants(cfg: ExperimentConfig) -> dict[str, list[Path]]:
 
 
 SPECS: dict[str, StageSpec] = {
-    "ingest": StageSpec("ingest", 1, lambda c: INGEST_KEYS, lambda c: (), lambda c: _workdir(c) / "ingest",
+    "ingest": StageSpec("ingest", 1, ingest_keys, lambda c: (), lambda c: _workdir(c) / "ingest",
                         _outputs_verify),
     "latents": StageSpec("latents", 1, lambda c: LATENT_KEYS, lambda c: ("ingest",), _latents_dir, _outputs_verify),
     "teacher": StageSpec("teacher", 1, lambda c: TEACHER_KEYS, lambda c: ("ingest",), _teacher_dir, _outputs_verify),

@@ -43,7 +43,7 @@ def check_plan(cfg: ExperimentConfig, latents: dict[str, Any], teacher: dict[str
     from pipeline.models import build_model
 
     classes = int(latents["num_classes"])
-    if classes > cfg.model.num_classes:
+    if cfg.model.num_classes and classes > cfg.model.num_classes:  # 0 = unconditional: labels are ignored
         raise UsageError(f"model.num_classes = {cfg.model.num_classes}, but the dataset has {classes} classes: "
                          f"set model.num_classes = {classes} (or more)")
     try:

@@ -31,11 +31,20 @@ def _one_of(value: str, names, what: str) -> str:
 
 
 class DataConfig(Section):
+    @property
+    def shuffled(self) -> bool:
+        """Whether offset/limit apply to a seeded permutation of the source (data.order resolved)."""
+        return self.order == "shuffled" or (self.order == "auto" and self.source == "imagefolder")
+
     source: Literal["imagefolder", "webdataset", "fashion-mnist", "synthetic"] = "fashion-mnist"
-    path: str = "data/fashion-mnist"  # folder, tar glob, IDX folder; unused for synthetic
+    path: str = "data/fashion-mnist"  # folder or archive[/inner folder], tar glob, IDX folder; unused for synthetic
     resolution: int = Field(256, ge=8, le=4096)  # ADM center crop to this square size
     limit: int = Field(0, ge=0)  # use only the first N images after `offset` (0 = all)
     offset: int = Field(0, ge=0)  # skip this many images first (a held-out split starts here)
+    # the order offset/limit apply to: "shuffled" = a permutation seeded by order_seed; "source" = as
+    # listed; "auto" = shuffled for imagefolder (listed class by class), the source's order otherwise
+    order: Literal["auto", "source", "shuffled"] = "auto"
+    order_seed: int = 0
     on_error: Literal["skip", "fail"] = "skip"  # unreadable image: record and skip, or stop
     shard_size: int = Field(1000, ge=1)  # images per WebDataset tar shard
     num_workers: int = Field(2, ge=1)  # processes writing shards in parallel
@@ -98,7 +107,7 @@ class StoresConfig(Section):
 
 class ModelConfig(Section):
     name: str = "SiT-XL/2"  # SiT-{S,B,L,XL}/{2,4,8}, SiTDown-{B,L,XL}/2, UNet-{S,B}, *-T tiny
-    num_classes: int = Field(1000, ge=1)
+    num_classes: int = Field(1000, ge=0)  # 0 = unconditional: no label embedding, no guidance, labels ignored
     class_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # label dropout for classifier-free guidance
     use_rope: bool | None = None  # None = the architecture's default
     use_swiglu: bool | None = None  # None = the architecture's default
@@ -110,6 +119,9 @@ class AlignConfig(Section):
     depth: int = Field(0, ge=0)  # student block whose output is aligned, 1-indexed (0 = model default)
     coeff: float = Field(0.5, ge=0.0)  # lambda: weight of the whole alignment term
     projector_dim: int = Field(2048, ge=1)  # hidden width of the 3-layer projector MLP
+    projector: Literal["mlp", "conv"] = "mlp"  # mlp: REPA's per-token MLP; conv: iREPA's 3x3 conv on the token grid
+    spatial_norm: bool = False  # iREPA: targets y - gamma*mean_T(y), divided by their std over tokens
+    spatial_norm_gamma: float = Field(1.0, ge=0.0)  # iREPA: share of the token mean removed
     manifold_weight: float = Field(3.0, ge=0.0)  # U-REPA: w in lambda * (L_repa + w * L_manifold)
     manifold_over: Literal["tokens", "samples"] = "tokens"  # U-REPA: what the similarity matrix spans
     resize: Literal["nearest", "bilinear", "bicubic"] = "bilinear"  # student grid -> teacher grid
@@ -217,9 +229,13 @@ class SampleConfig(Section):
 
 
 class EvalConfig(Section):
-    reference: str = "ingest"  # ingest (training images) | holdout (data.* at reference_offset) | ADM .npz path
-    reference_offset: int = Field(0, ge=0)  # holdout: first image of the reference split
-    reference_limit: int = Field(0, ge=0)  # holdout: number of reference images (0 = all)
+    # ingest (training images) | holdout (data.* at reference_offset) | source (a separate image source:
+    # reference_source/reference_path, e.g. CIFAR-10's test folder, ImageNet's val folder) | ADM .npz path
+    reference: str = "ingest"
+    reference_offset: int = Field(0, ge=0)  # holdout / source: first image of the reference split
+    reference_limit: int = Field(0, ge=0)  # holdout / source: number of reference images (0 = all)
+    reference_source: Literal["", "imagefolder", "webdataset", "fashion-mnist"] = ""  # source: "" = data.source
+    reference_path: str = ""  # source: its folder, archive[/inner folder] or tar glob
     inception: str = "fid-helper"  # fid-helper (bundled TF port) | path to inception-2015-12-05.pt
     batch_size: int = Field(100, ge=1)
     splits: int = Field(10, ge=1)  # Inception Score splits
@@ -232,6 +248,8 @@ class CompareConfig(Section):
 
     methods: list[Literal["none", "repa", "urepa", "haste"]] = ["none", "repa", "urepa", "haste"]
     checkpoints: list[int] = []  # training steps evaluated in every run ([] = only the last step)
+    seeds: list[int] = []  # train.seed of each run ([] = train.seed alone): init, data order and noise
+    one_seed: list[Literal["none", "repa", "urepa", "haste"]] = []  # methods run with the first seed only
 
     @model_validator(mode="after")
     def _lists(self) -> CompareConfig:
@@ -239,6 +257,10 @@ class CompareConfig(Section):
             raise ValueError(f"compare.methods must list distinct methods, got {self.methods}")
         if any(c < 1 for c in self.checkpoints) or self.checkpoints != sorted(set(self.checkpoints)):
             raise ValueError(f"compare.checkpoints must be increasing positive steps, got {self.checkpoints}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"compare.seeds must be distinct, got {self.seeds}")
+        if "none" in self.one_seed:
+            raise ValueError("compare.one_seed must not hold 'none': every speed-up is measured against its seeds")
         return self
 
 
@@ -266,3 +288,17 @@ class ExperimentConfig(Section):
         if not v.strip():
             raise ValueError("workdir must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _reference_source(self) -> ExperimentConfig:
+        if self.eval.reference == "source" and not self.eval.reference_path:
+            raise ValueError("eval.reference = 'source' needs eval.reference_path: the folder or archive of the "
+                             "held-out images (e.g. CIFAR-10's test folder, ImageNet's val folder)")
+        return self
+
+    @model_validator(mode="after")
+    def _guidance_needs_classes(self) -> ExperimentConfig:
+        if self.model.num_classes == 0 and self.sample.cfg_scale > 1:
+            raise ValueError(f"sample.cfg_scale = {self.sample.cfg_scale} asks for classifier-free guidance, which an "
+                             "unconditional model (model.num_classes = 0) cannot give: set sample.cfg_scale = 1")
+        return self

@@ -28,6 +28,8 @@ from pipeline.align import (
     objective_class,
     repa_loss,
 )
+from pipeline.align.heads import ConvProjector
+from pipeline.align.losses import spatial_normalize
 from pipeline.models.output import ModelOutput
 from pipeline.teachers.targets import TeacherTargets
 from schemas.config import AlignConfig
@@ -516,3 +518,89 @@ def test_real_sit_smoke():
         loss, logs = obj(model, batch, teacher, 0)
         assert torch.isfinite(loss) and "repa" in logs
         loss.backward()
+
+
+# ----------------------------------------------------------------------------------------------
+#                              iREPA: conv projector, spatial norm
+# ----------------------------------------------------------------------------------------------
+
+
+def spatial_norm_ref(y: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Loops: per image b and channel d, u_n = y_n - gamma * mean_n(y); u / (sqrt(sum (u - mean u)^2 / (T-1)) + 1e-6)."""
+    B, T, D = y.shape
+    out = torch.empty(B, T, D, dtype=torch.float64)
+    for b in range(B):
+        for d in range(D):
+            col = [float(y[b, n, d]) for n in range(T)]
+            mean = sum(col) / T
+            u = [v - gamma * mean for v in col]
+            mu = sum(u) / T
+            std = math.sqrt(sum((v - mu) ** 2 for v in u) / (T - 1))
+            for n in range(T):
+                out[b, n, d] = u[n] / (std + 1e-6)
+    return out
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 0.0])
+def test_spatial_normalize_against_loops(gamma):
+    y = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0)) * 3 + 2
+    got = spatial_normalize(y, gamma)
+    torch.testing.assert_close(got.double(), spatial_norm_ref(y, gamma), atol=1e-5, rtol=1e-5)
+    if gamma == 1.0:  # each image's channels: zero mean and unit (unbiased) std over the tokens
+        torch.testing.assert_close(got.mean(1), torch.zeros(2, 3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.std(1), torch.ones(2, 3), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="T >= 2"):
+        spatial_normalize(torch.zeros(2, 1, 3))
+
+
+def conv_ref(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A 3x3, padding-1 convolution over the row-major token grid, written out as sums."""
+    B, N, C = tokens.shape
+    h, w = grid
+    n_out = weight.shape[0]
+    out = torch.zeros(B, N, n_out, dtype=torch.float64)
+    for b in range(B):
+        for i in range(h):
+            for j in range(w):
+                for o in range(n_out):
+                    acc = float(bias[o])
+                    for di in (-1, 0, 1):
+                        for dj in (-1, 0, 1):
+                            ii, jj = i + di, j + dj
+                            if 0 <= ii < h and 0 <= jj < w:
+                                acc += float(weight[o, :, di + 1, dj + 1].double() @ tokens[b, ii * w + jj].double())
+                    out[b, i * w + j, o] = acc
+    return out
+
+
+def test_conv_projector_against_written_out_convolution():
+    torch.manual_seed(0)
+    proj = ConvProjector(4, 3, (3, 2))
+    tokens = torch.randn(2, 6, 4)
+    ref = conv_ref(tokens, proj.conv.weight.detach(), proj.conv.bias.detach(), (3, 2))
+    torch.testing.assert_close(proj(tokens).detach().double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\[B, 6, 4\]"):
+        proj(torch.randn(2, 5, 4))
+
+
+@pytest.mark.parametrize("align", ["repa", "urepa", "haste"])
+def test_irepa_options_apply_to_every_feature_term(align):
+    """projector = conv and spatial_norm: the logged feature terms equal the formulas applied by hand to
+    the conv projection of the aligned block and the normalised teacher tokens."""
+    torch.manual_seed(0)
+    model, batch, teacher = TinyStudent(heads=3), make_batch(), make_teacher(heads=2)
+    obj = build_objective(align, model, cfg(projector="conv", spatial_norm=True, spatial_norm_gamma=0.8),
+                          path="linear", teacher_dim=5, teacher_grid=(4, 4), teacher_heads=2)
+    assert isinstance(obj.projector, ConvProjector) and obj.projector.grid == (4, 4)
+    _, logs = obj(model, batch, teacher, 0)
+    t = batch["t"][:, None, None, None]
+    hidden = model((1 - t) * batch["x0"] + t * batch["eps"], batch["t"], batch["y"], align_depth=2).hidden
+    student = conv_ref(hidden.detach(), obj.projector.conv.weight.detach(), obj.projector.conv.bias.detach(), (4, 4))
+    target = spatial_norm_ref(teacher.tokens, 0.8)
+    assert logs["repa"].item() == pytest.approx(repa_ref(student.float(), target.float()), abs=1e-5)
+    if align == "urepa":
+        assert logs["manifold"].item() == pytest.approx(manifold_ref(student.float(), target.float(), "tokens"),
+                                                        abs=1e-5)
+    # the defaults are REPA's: an MLP projector and the stored tokens
+    plain = build_objective(align, model, cfg(), path="linear", teacher_dim=5, teacher_grid=(4, 4), teacher_heads=2)
+    assert isinstance(plain.projector, Projector) and plain.targets(teacher) is teacher.tokens

@@ -183,7 +183,7 @@ def test_corrupt_and_empty_files_are_skipped_and_recorded(folder, tmp_path):
     assert set(skipped) == {"empty.jpg", "broken.jpg"}
     assert manifest["stats"]["images"] == 9 and manifest["stats"]["skipped"] == 2
     labels = [lab for _, lab, _ in _read_all(tmp_path / "ingest")]
-    assert labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # in the seeded order (data.order = auto)
 
 
 def test_on_error_fail_exits_1_naming_the_file(folder, tmp_path):
@@ -199,3 +199,101 @@ def test_missing_source_folder_exits_2(tmp_path):
     proc = repa("ingest", "--set", f"workdir={tmp_path}", "--set", "data.source=imagefolder",
                 "--set", f"data.path={tmp_path / 'nope'}")
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+#                           Image folders in archives, and their order
+# ----------------------------------------------------------------------------------------------
+
+
+def _class_folder(root: Path, classes: int = 4, per_class: int = 5) -> Path:
+    """root/split/<class>/<i>.png with distinct pixels per image (the layout CIFAR-10's archive has)."""
+    rng = np.random.default_rng(1)
+    for c in range(classes):
+        (root / "split" / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "split" / f"class{c}" / f"{i}.png")
+    return root / "split"
+
+
+def _pixels(source) -> list[tuple[int, str, bytes]]:
+    return [(it.label, it.origin, source.load(it).tobytes()) for it in source.items()]
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
+def test_imagefolder_reads_an_archive_in_place_as_the_extracted_folder(tmp_path, kind):
+    import shutil
+    import tarfile
+    import zipfile
+
+    folder = _class_folder(tmp_path / "extracted")
+    archive = tmp_path / f"images.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for p in sorted(folder.rglob("*.png")):
+                zf.write(p, str(p.relative_to(folder.parent)))
+    else:
+        with tarfile.open(archive, "w:gz" if kind == "tar.gz" else "w") as tar:
+            tar.add(folder, arcname="split")
+    expected = _pixels(ImageFolderSource(str(folder)))
+    assert len(expected) == 20 and {lab for lab, _, _ in expected} == {0, 1, 2, 3}
+    inside = ImageFolderSource(str(archive / "split"))
+    assert inside.classes() == ["class0", "class1", "class2", "class3"]
+    assert _pixels(inside) == expected
+    # the same through ingest, in worker processes (each opens the archive itself)
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", "data.source=imagefolder", f"data.path={archive}/split",
+                             "data.resolution=8", "data.num_workers=2", "data.shard_size=7"])
+    ingest(cfg)
+    ref = load_config(None, [f"workdir={tmp_path / 'w2'}", "data.source=imagefolder", f"data.path={folder}",
+                             "data.resolution=8", "data.num_workers=1", "data.shard_size=7"])
+    ingest(ref)
+    got, want = _read_all(tmp_path / "w" / "ingest"), _read_all(tmp_path / "w2" / "ingest")
+    assert [(k, lab, a.tobytes()) for k, lab, a in got] == [(k, lab, a.tobytes()) for k, lab, a in want]
+    shutil.rmtree(folder)  # nothing was extracted next to the archive
+    assert _pixels(ImageFolderSource(str(archive / "split"))) == expected
+
+
+def test_missing_folder_inside_an_archive_exits_2(tmp_path):
+    import tarfile
+
+    folder = _class_folder(tmp_path / "x")
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        tar.add(folder, arcname="split")
+    proc = repa("ingest", "--set", f"workdir={tmp_path}", "--set", "data.source=imagefolder",
+                "--set", f"data.path={tmp_path / 'a.tar' / 'nope'}")
+    assert proc.returncode == 2 and "has no class sub-folders" in proc.stderr
+
+
+def test_seeded_limit_holds_every_class_and_is_stable(tmp_path):
+    """10 classes listed class by class: a 1,000-image limit in source order would be 2 classes; the
+    seeded permutation (data.order = auto for an image folder) draws all 10, the same on every run."""
+    from jobs.ingest import select
+    from pipeline.datasets.sources import SourceItem
+
+    items = [SourceItem(f"{i:08d}", i // 500, i) for i in range(5000)]
+    assert len({it.label for it in select(items, 0, 1000)}) == 2
+    first = select(items, 0, 1000, order_seed=0)
+    counts = np.bincount([it.label for it in first], minlength=10)
+    assert (counts > 50).all(), counts
+    assert [it.key for it in select(items, 0, 1000, order_seed=0)] == [it.key for it in first]
+    assert [it.key for it in select(items, 0, 1000, order_seed=1)] != [it.key for it in first]
+    held = select(items, 1000, 500, order_seed=0)  # an offset split is disjoint from the limit's images
+    assert not {it.key for it in held} & {it.key for it in first}
+    # the permutation is numpy's default_rng(seed).permutation, recorded in the manifest
+    perm = np.random.default_rng(0).permutation(5000)
+    assert [it.ref for it in first] == perm[:1000].tolist()
+
+    folder = _class_folder(tmp_path / "f", classes=4, per_class=10)
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", "data.source=imagefolder", f"data.path={folder}",
+                             "data.resolution=8", "data.num_workers=1", "data.limit=8"])
+    assert cfg.data.shuffled
+    ingest(cfg)
+    manifest = json.loads((tmp_path / "w" / "ingest" / "manifest.json").read_text())
+    assert manifest["extra"]["order"] == "shuffled" and manifest["extra"]["order_seed"] == 0
+    labels = [lab for _, lab, _ in _read_all(tmp_path / "w" / "ingest")]
+    assert len(set(labels)) == 4 and len(labels) == 8
+    source_order = load_config(None, [f"workdir={tmp_path / 'w3'}", "data.source=imagefolder",
+                                      f"data.path={folder}", "data.resolution=8", "data.num_workers=1",
+                                      "data.limit=8", "data.order=source"])
+    ingest(source_order)
+    assert [lab for _, lab, _ in _read_all(tmp_path / "w3" / "ingest")] == [0] * 8

@@ -116,7 +116,7 @@ class HASTE(REPA):
         return torch.stack(losses).mean()
 
     def alignment_terms(self, out: ModelOutput, teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        repa = repa_loss(self.project(out, teacher), teacher.tokens)
+        repa = repa_loss(self.project(out, teacher), self.targets(teacher))
         attn = self.attention_loss(out, teacher)
         return self.coeff * repa + self.attn_coeff * attn, {"repa": repa, "attn": attn}
 

@@ -1,5 +1,7 @@
 """What sits between a student's hidden tokens and the teacher's: the projector and the grid adapter.
 
+Projectors: REPA's per-token MLP (the default) or iREPA's 3x3 convolution over the token grid.
+
 U-REPA's order (arXiv 2503.18414): the projector MLP runs FIRST, per token, on the student's own grid; the
 projected map is THEN resized to the teacher's patch grid. The same resize maps any student grid to
 any teacher grid, up or down, so REPA with mismatched grids uses it too.
@@ -50,6 +52,43 @@ class Projector(nn.Sequential):
             if isinstance(layer, nn.Linear):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
+
+
+class ConvProjector(nn.Module):
+    """iREPA's projector (arXiv 2512.10794): one 3x3 convolution (padding 1) over the student's token grid.
+
+    [B, h*w, in_dim] -> [B, h*w, out_dim]. Each output token sees its 3x3 neighbourhood, so the
+    projection carries the map's spatial structure instead of treating tokens one by one as the MLP
+    does. Initialised as PyTorch's Conv2d (the paper's snippet builds a plain nn.Conv2d).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int]):
+        super().__init__()
+        self.grid = _check_grid("grid", grid)
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, padding=1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        b, n, c = tokens.shape
+        if n != h * w or c != self.in_dim:
+            raise ValueError(f"ConvProjector: tokens must be [B, {h * w}, {self.in_dim}] for grid {self.grid}, "
+                             f"got {tuple(tokens.shape)}")
+        fmap = tokens.transpose(1, 2).reshape(b, c, h, w)
+        return self.conv(fmap).flatten(2).transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}"
+
+
+def build_projector(kind: Literal["mlp", "conv"], in_dim: int, out_dim: int, hidden: int,
+                    grid: tuple[int, int]) -> nn.Module:
+    """align.projector: "mlp" (REPA's Projector, hidden width `hidden`) or "conv" (iREPA's ConvProjector)."""
+    if kind == "mlp":
+        return Projector(in_dim, out_dim, hidden)
+    if kind == "conv":
+        return ConvProjector(in_dim, out_dim, grid)
+    raise ValueError(f"align.projector = {kind!r} is not one of 'mlp', 'conv'")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ None of them synchronises with the host.
         samples: mean over n of mean over (a, b) of (cos(t_an, t_bn) - cos(s_an, s_bn))**2
     attention_ce(student_logits [B,H,T,T], teacher_logits [B,H,T,T])
         mean over b, h, query rows q of -sum_k softmax(teacher)_qk * log_softmax(student)_qk
+    spatial_normalize(tokens [B,T,D], gamma)           (iREPA's target normalisation, not a loss)
+        u = y - gamma * mean_T(y);  u / (std_T(u) + 1e-6), std with Bessel's correction
 """
 
 from __future__ import annotations
@@ -47,6 +49,22 @@ def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarities inside each group: x [G, M, D] -> [G, M, M] (float32)."""
     u = F.normalize(x.float(), dim=-1)
     return torch.bmm(u, u.transpose(1, 2))
+
+
+def spatial_normalize(tokens: torch.Tensor, gamma: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA's spatial normalisation of teacher patch tokens (arXiv 2512.10794), per image and channel.
+
+    tokens [B, T, D] -> float32 [B, T, D]: u = y - gamma * mean over tokens of y, then
+    u / (std over tokens of u + eps), the std unbiased (T - 1), as the paper's code writes it. Removing
+    the mean over the image takes away the component every token shares (the global, image-level
+    part), so the cosine targets that remain contrast regions of the image with each other.
+    """
+    if tokens.ndim != 3 or tokens.shape[1] < 2:
+        raise ValueError(f"spatial_normalize: tokens must be [B, T, D] with T >= 2, got {tuple(tokens.shape)}")
+    with _no_autocast(tokens):
+        u = tokens.float()
+        u = u - gamma * u.mean(dim=1, keepdim=True)
+        return u / (u.std(dim=1, keepdim=True) + eps)
 
 
 # ----------------------------------------------------------------------------------------------

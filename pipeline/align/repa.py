@@ -4,7 +4,9 @@
 
 h = the output of student block `align.depth` (1-indexed; 0 = the model's default_align_depth),
 h_phi = the per-token projector MLP (heads.Projector, hidden width align.projector_dim), y = the
-teacher's x_norm_patchtokens. When the student's token grid differs from the teacher's patch grid,
+teacher's x_norm_patchtokens. iREPA's two options (arXiv 2512.10794) apply here and in the subclasses:
+align.projector = "conv" makes h_phi one 3x3 convolution over the token grid (heads.ConvProjector), and
+align.spatial_norm = true compares with losses.spatial_normalize(y, align.spatial_norm_gamma) instead of y. When the student's token grid differs from the teacher's patch grid,
 the PROJECTED map is resized to the teacher grid (heads.align_to_grid, mode align.resize), the order
 U-REPA found best; REPA's own setup has equal grids and no resize.
 
@@ -19,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from pipeline.align.base import Objective
-from pipeline.align.heads import GridAdapter, Projector
-from pipeline.align.losses import repa_loss
+from pipeline.align.heads import GridAdapter, build_projector
+from pipeline.align.losses import repa_loss, spatial_normalize
 from pipeline.align.student import FeatureSite, feature_site, teacher_geometry
 from pipeline.models.output import ModelOutput
 from pipeline.teachers.targets import TeacherTargets
@@ -35,7 +37,8 @@ class REPA(Objective):
     """
 
     reads_teacher: ClassVar[bool] = True
-    config_fields: ClassVar[tuple[str, ...]] = ("depth", "coeff", "projector_dim", "resize")
+    config_fields: ClassVar[tuple[str, ...]] = ("depth", "coeff", "projector_dim", "resize", "projector",
+                                                "spatial_norm", "spatial_norm_gamma")
 
     def __init__(self, site: FeatureSite, cfg: AlignConfig, *, path: str = "linear", teacher_dim: int,
                  teacher_grid: tuple[int, int], teacher_heads: int | None = None):
@@ -45,8 +48,10 @@ class REPA(Objective):
         self.align_depth = site.depth
         self.student_grid = site.grid
         self.coeff = float(cfg.coeff)
-        self.projector = Projector(site.width, self.teacher_dim, cfg.projector_dim)
+        self.projector = build_projector(cfg.projector, site.width, self.teacher_dim, cfg.projector_dim, site.grid)
         self.resize = GridAdapter(site.grid, self.teacher_grid, cfg.resize)
+        self.spatial_norm = cfg.spatial_norm
+        self.spatial_norm_gamma = float(cfg.spatial_norm_gamma)
 
     @classmethod
     def validate(cls, model: nn.Module, cfg: AlignConfig, *, teacher_dim: int | None = None,
@@ -80,8 +85,15 @@ class REPA(Objective):
             )
         return student
 
+    def targets(self, teacher: TeacherTargets) -> torch.Tensor:
+        """The teacher tokens [B, T, D] the feature terms compare with: as stored, or spatially
+        normalised (align.spatial_norm, iREPA)."""
+        if self.spatial_norm:
+            return spatial_normalize(teacher.tokens, self.spatial_norm_gamma)
+        return teacher.tokens
+
     def alignment_terms(self, out: ModelOutput, teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        repa = repa_loss(self.project(out, teacher), teacher.tokens)
+        repa = repa_loss(self.project(out, teacher), self.targets(teacher))
         return self.coeff * repa, {"repa": repa}
 
     def extra_repr(self) -> str:

@@ -41,8 +41,9 @@ class URepa(REPA):
 
     def alignment_terms(self, out: ModelOutput, teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = self.project(out, teacher)  # [B, T, D] on the teacher grid
-        repa = repa_loss(student, teacher.tokens)
-        manifold = manifold_loss(student, teacher.tokens, over=self.manifold_over)
+        target = self.targets(teacher)
+        repa = repa_loss(student, target)
+        manifold = manifold_loss(student, target, over=self.manifold_over)
         return self.coeff * (repa + self.manifold_weight * manifold), {"repa": repa, "manifold": manifold}
 
     def extra_repr(self) -> str:

@@ -1,5 +1,5 @@
-"""Where images come from: an ImageNet-style folder, WebDataset tars, Fashion-MNIST IDX files, or
-seeded synthetic shapes.
+"""Where images come from: an ImageNet-style folder (a directory or an archive), WebDataset tars,
+Fashion-MNIST IDX files, or seeded synthetic shapes.
 
 A source lists its items cheaply (`items()`: key, label, and a reference to the bytes) and loads
 one item on demand (`load(item)` -> RGB PIL image), so shard writers in other processes load only
@@ -12,8 +12,10 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import os
 import struct
 import tarfile
+import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -62,36 +64,111 @@ def decode_image(data: bytes) -> Image.Image:
 # ----------------------------------------------------------------------------------------------
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
+_OPEN_ARCHIVES: dict[tuple[int, str], Any] = {}  # (pid, archive) -> open ZipFile / bytes of a compressed tar
+
+
+def split_archive(path: str) -> tuple[Path, str] | None:
+    """(archive file, folder inside it) when `path` is an archive or runs through one
+    ("data/cifar10.tar.gz/cifar10/train"); None for a plain directory."""
+    parts = Path(path).parts
+    for i in range(len(parts), 0, -1):
+        head = Path(*parts[:i])
+        if head.name.lower().endswith(ARCHIVE_SUFFIXES) and head.is_file():
+            return head, "/".join(parts[i:])
+    return None
+
+
+def _class_file(name: str, inner: str) -> tuple[str, str] | None:
+    """(class, name) for an archive member `inner/<class>/.../<image>`, else None."""
+    if inner:
+        if not name.startswith(inner.rstrip("/") + "/"):
+            return None
+        name = name[len(inner.rstrip("/")) + 1 :]
+    parts = name.split("/")
+    if len(parts) < 2 or any(p.startswith(".") for p in parts) or not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+        return None
+    return parts[0], name
+
+
 @dataclass(frozen=True)
 class ImageFolderSource:
-    """ImageNet train layout: one sub-folder per class, classes indexed in sorted name order."""
+    """ImageNet train layout: one sub-folder per class, classes indexed in sorted name order.
+
+    `path` is a directory, or an archive (.tar, .tar.gz/.tgz/.tar.bz2/.tar.xz, .zip) read in place,
+    optionally followed by the folder inside it that holds the class folders
+    ("cifar10-jpeg.tar.gz/cifar10/train"). Items come class by class in sorted file order; the ingest
+    stage decides the order limit/offset apply to (data.order). An uncompressed .tar and a .zip are
+    read by seeking to each image; a compressed tar has no random access, so each process that loads
+    from it streams the archive once and keeps the selected folder's image bytes in memory (use .tar
+    or .zip for datasets larger than memory).
+    """
 
     path: str
 
+    @cached_property
+    def _listing(self) -> list[tuple[str, str, Any]]:
+        """[(class, origin, ref)] of every image, sorted by (class, origin)."""
+        split = split_archive(self.path)
+        if split is None:
+            root = Path(self.path)
+            if not root.is_dir():
+                raise SourceError(f"data.path {self.path} is neither a directory nor an archive "
+                                  f"({', '.join(ARCHIVE_SUFFIXES)}) of class sub-folders")
+            found = [(p.relative_to(root).parts[0], str(p.relative_to(root)), str(p)) for p in root.rglob("*")
+                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and len(p.relative_to(root).parts) > 1
+                     and not any(q.startswith(".") for q in p.relative_to(root).parts)]
+        else:
+            archive, inner = split
+            found = []
+            if archive.name.lower().endswith(".zip"):
+                with zipfile.ZipFile(archive) as zf:
+                    for info in zf.infolist():
+                        if not info.is_dir() and (cf := _class_file(info.filename, inner)):
+                            found.append((cf[0], cf[1], ("zip", str(archive), info.filename)))
+            else:
+                plain = archive.name.lower().endswith(".tar")
+                with tarfile.open(archive, "r:*") as tar:
+                    for member in tar:
+                        if member.isfile() and (cf := _class_file(member.name, inner)):
+                            ref = (("tar", str(archive), member.offset_data, member.size) if plain
+                                   else ("tar-stream", str(archive), member.name))
+                            found.append((cf[0], cf[1], ref))
+        found.sort(key=lambda f: (f[0], f[1]))
+        return found
+
     def classes(self) -> list[str]:
-        root = Path(self.path)
-        if not root.is_dir():
-            raise SourceError(f"data.path {self.path} is not a directory (imagefolder wants class sub-folders)")
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = sorted({c for c, _, _ in self._listing})
         if not names:
-            raise SourceError(f"data.path {self.path} has no class sub-folders")
+            raise SourceError(f"data.path {self.path} has no class sub-folders holding images "
+                              f"({', '.join(IMAGE_EXTENSIONS)})")
         return names
 
     def items(self) -> list[SourceItem]:
-        root = Path(self.path)
-        out: list[SourceItem] = []
-        for label, name in enumerate(self.classes()):
-            files = sorted(
-                p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
-            for p in files:
-                out.append(SourceItem(f"{len(out):08d}", label, str(p), origin=str(p.relative_to(root))))
-        if not out:
-            raise SourceError(f"data.path {self.path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        return out
+        index = {name: i for i, name in enumerate(self.classes())}
+        return [SourceItem(f"{i:08d}", index[c], ref, origin=origin)
+                for i, (c, origin, ref) in enumerate(self._listing)]
 
     def load(self, item: SourceItem) -> Image.Image:
-        return decode_image(Path(item.ref).read_bytes())
+        ref = item.ref
+        if isinstance(ref, str):
+            return decode_image(Path(ref).read_bytes())
+        kind, archive = ref[0], ref[1]
+        if kind == "tar":
+            with open(archive, "rb") as f:
+                f.seek(ref[2])
+                return decode_image(f.read(ref[3]))
+        key = (os.getpid(), archive)
+        if kind == "zip":
+            if key not in _OPEN_ARCHIVES:
+                _OPEN_ARCHIVES[key] = zipfile.ZipFile(archive)
+            return decode_image(_OPEN_ARCHIVES[key].read(ref[2]))
+        if key not in _OPEN_ARCHIVES:  # a compressed tar: one streaming pass per process
+            wanted = {r[2] for _, _, r in self._listing if r[0] == "tar-stream"}
+            with tarfile.open(archive, "r:*") as tar:
+                _OPEN_ARCHIVES[key] = {m.name: tar.extractfile(m).read() for m in tar
+                                       if m.isfile() and m.name in wanted}
+        return decode_image(_OPEN_ARCHIVES[key][ref[2]])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,6 +89,19 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
+def label_embedder(num_classes: int, hidden_size: int, class_dropout_prob: float) -> LabelEmbedder | None:
+    """The label table of a class-conditional model, or None for an unconditional one (num_classes = 0:
+    no label embedding at all; the condition is the timestep alone and guidance does not apply)."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+    return LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes else None
+
+
+def add_label(c: torch.Tensor, y_embedder: LabelEmbedder | None, y: torch.Tensor | None) -> torch.Tensor:
+    """c + the label embedding of y ([B, C]); c itself when the model is unconditional (y is ignored)."""
+    return c if y_embedder is None else c + y_embedder(y)
+
+
 # ----------------------------------------------------------------------------------------------
 #                                   Fixed 2D position codes
 # ----------------------------------------------------------------------------------------------

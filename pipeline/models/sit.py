@@ -19,12 +19,13 @@ import torch.nn as nn
 
 from pipeline.models.layers import (
     Attention,
-    LabelEmbedder,
     TimestepEmbedder,
+    add_label,
     check_align_depth,
     check_attn_layers,
     check_input,
     feed_forward,
+    label_embedder,
     modulate,
     rope_2d,
     sincos_pos_embed_2d,
@@ -107,7 +108,8 @@ def init_transformer_weights(model: nn.Module) -> None:
     patch = model.x_embedder
     nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1))
     nn.init.zeros_(patch.bias)
-    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    if model.y_embedder is not None:
+        nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
     for module in model.modules():
@@ -180,7 +182,7 @@ class SiT(nn.Module):
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = label_embedder(num_classes, hidden_size, class_dropout_prob)
         self.abs_pos_embed = (not use_rope) if abs_pos_embed is None else abs_pos_embed
         if self.abs_pos_embed:
             self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
@@ -224,7 +226,7 @@ class SiT(nn.Module):
         h = self.x_embedder(x).flatten(2).transpose(1, 2)  # [B, N, C]
         if self.pos_embed is not None:
             h = h + self.pos_embed.to(h.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y)  # [B, C]
+        c = add_label(self.t_embedder(t), self.y_embedder, y)  # [B, C]
 
         hidden = None
         logits: dict[int, torch.Tensor] = {}

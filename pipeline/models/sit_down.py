@@ -40,11 +40,12 @@ import torch
 import torch.nn as nn
 
 from pipeline.models.layers import (
-    LabelEmbedder,
     TimestepEmbedder,
+    add_label,
     check_align_depth,
     check_attn_layers,
     check_input,
+    label_embedder,
     rope_2d,
     sincos_pos_embed_2d,
 )
@@ -162,7 +163,7 @@ class SiTDown(nn.Module):
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = label_embedder(num_classes, hidden_size, class_dropout_prob)
         self.abs_pos_embed = (not use_rope) if abs_pos_embed is None else abs_pos_embed
         if self.abs_pos_embed:
             self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
@@ -228,7 +229,7 @@ class SiTDown(nn.Module):
         h = self.x_embedder(x).flatten(2).transpose(1, 2)  # [B, N, C]
         if self.pos_embed is not None:
             h = h + self.pos_embed.to(h.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y)  # [B, C]
+        c = add_label(self.t_embedder(t), self.y_embedder, y)  # [B, C]
 
         hidden = None
         logits: dict[int, torch.Tensor] = {}

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.layers import LabelEmbedder, TimestepEmbedder, check_align_depth, check_input
+from pipeline.models.layers import TimestepEmbedder, add_label, check_align_depth, check_input, label_embedder
 from pipeline.models.output import ModelOutput
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class UNet(nn.Module):
         emb_dim = 4 * model_channels
 
         self.t_embedder = TimestepEmbedder(emb_dim)
-        self.y_embedder = LabelEmbedder(num_classes, emb_dim, class_dropout_prob)
+        self.y_embedder = label_embedder(num_classes, emb_dim, class_dropout_prob)
         self.input_conv = nn.Conv2d(in_channels, model_channels, kernel_size=3, padding=1)
 
         def level_layer(c_in: int, c_out: int, level: int) -> CondSequential:
@@ -231,7 +231,8 @@ class UNet(nn.Module):
     def _init_weights(self) -> None:
         """ADM-style: default conv/linear init, normal(0.02) embedders, zero for every residual
         branch's last layer (ResBlock out_conv, attention proj) and the output conv."""
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         zero = [self.out[-1]]
@@ -271,7 +272,7 @@ class UNet(nn.Module):
             )
         check_input(x, self.in_channels, self.input_size)
         align_depth = check_align_depth(align_depth, self.depth)
-        emb = self.t_embedder(t) + self.y_embedder(y)  # [B, 4 ch]
+        emb = add_label(self.t_embedder(t), self.y_embedder, y)  # [B, 4 ch]
 
         h = self.input_conv(x)
         skips = [h]

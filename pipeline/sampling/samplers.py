@@ -325,7 +325,10 @@ def uniform_random_labels(num: int, num_classes: int, seed: int, batch_size: int
 
 def sample_labels(mode: LabelMode, num: int, num_classes: int, seed: int, batch_size: int) -> np.ndarray:
     """The labels of `num` samples drawn in batches of `batch_size`: "uniform-random" (REPA's and
-    HASTE's protocol, uniform_random_labels) or "balanced" (class_balanced_labels, shuffled by seed)."""
+    HASTE's protocol, uniform_random_labels) or "balanced" (class_balanced_labels, shuffled by seed).
+    An unconditional model (num_classes = 0) gets zeros, which it ignores."""
+    if num_classes == 0:
+        return np.zeros(num, np.int64)
     if mode == "uniform-random":
         return uniform_random_labels(num, num_classes, seed, batch_size)
     if mode == "balanced":

@@ -100,7 +100,7 @@ class TrainDataset(Dataset):
         moments: Reader | Sequence[Reader],  # reader per stored variant (index 0 = as stored, 1 = mirrored)
         labels: np.ndarray,  # int [N] class labels; N defines the dataset size
         *,
-        num_classes: int,  # the null label used for dropped labels is num_classes
+        num_classes: int,  # the null label used for dropped labels is num_classes (0: unconditional, every y = 0)
         seed: int = 0,  # data order and per-sample noise
         class_dropout: float = 0.1,  # probability of replacing a label by the null class
         scale: float = 0.18215,  # VAE scaling factor multiplied into the latent sample
@@ -225,6 +225,8 @@ class TrainDataset(Dataset):
         x0 = (mean + std * torch.stack(noise)) * self.scale
         y = torch.from_numpy(self.labels[idx])
         y = torch.where(torch.cat(drop) < self.class_dropout, torch.full_like(y, self.num_classes), y)
+        if self.num_classes == 0:  # unconditional: the model reads no label
+            y = torch.zeros_like(y)
         batch = {
             "x0": x0, "eps": torch.stack(eps), "t": torch.cat(t).float(), "y": y,
             "index": torch.from_numpy(idx), "flip": torch.from_numpy(flip),
