@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from jobs.layout import states
 from pipeline.stores.zarr_store import StoreReader
@@ -515,15 +516,22 @@ def test_a_hidden_state_store_serves_repa_the_tokens_a_token_store_holds(tmp_pat
 def test_compare_trains_each_method_once_and_tables_every_checkpoint(tmp_path):
     config = tiny_config(tmp_path)
     args = ["-c", str(config), "--set", 'compare.methods=["none","urepa"]', "--set", "compare.checkpoints=[3,6]",
-            "--set", "eval.batch_size=16"]
+            "--set", "eval.batch_size=16", "--set", "compare.seeds=[0,1]", "--set", 'compare.one_seed=["urepa"]']
     out = ok_out(repa("compare", *args))
-    assert "| none |" in out and "| urepa |" in out
+    assert "| none | 2 |" in out and "| urepa | 1 |" in out and "Floor (real vs real, 32 vs 32" in out
     work = tmp_path / "work"
     result = json.loads((work / "compare" / "compare.json").read_text())
     assert set(result["methods"]) == {"none", "urepa"}
+    assert result["methods"]["none"]["seeds"] == [0, 1] and result["methods"]["urepa"]["seeds"] == [0]
     for row in result["methods"].values():
         assert [p["step"] for p in row["points"]] == [3, 6] and [p["images"] for p in row["points"]] == [24, 48]
         assert all(p["fid"] > 0 and isinstance(p["kid"], float) for p in row["points"])
+    # none's rows are the mean, min and max of its two seeds' evaluations
+    seeds = result["methods"]["none"]["per_seed"]
+    for k, p in enumerate(result["methods"]["none"]["points"]):
+        fids = [seeds[s][k]["fid"] for s in ("0", "1")]
+        assert fids[0] != fids[1] and p["fid"] == pytest.approx(sum(fids) / 2)
+        assert (p["fid_min"], p["fid_max"]) == (min(fids), max(fids))
     assert (work / "compare" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![FID against training images](compare.png)" in (work / "compare" / "compare.md").read_text()
     # a rerun is up to date everywhere: nothing is trained, drawn or scored again
@@ -543,3 +551,67 @@ def test_compare_rejects_checkpoints_the_run_does_not_keep(tmp_path):
     assert proc.returncode == 2 and "train.checkpoint_every = 3" in proc.stderr
     proc = repa("compare", "-c", str(config), "--set", "compare.checkpoints=[3,6]", "--set", "train.steps=9")
     assert proc.returncode == 2 and "train.keep_checkpoints" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+#                          Unconditional models, a separate reference source
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_folder(root: Path, classes: int = 3, per_class: int = 6) -> Path:
+    rng = np.random.default_rng(2)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("model,align", [("SiT-T/4", "repa"), ("SiTDown-T/4", "urepa"), ("UNet-T", "urepa")])
+def test_unconditional_model_trains_samples_and_ignores_labels(tmp_path, model, align):
+    from jobs.sample import load_run_model
+
+    config = tiny_config(tmp_path)
+    sets = ["--set", f"model.name={model}", "--set", "model.num_classes=0", "--set", f"train.align={align}"]
+    ok(repa("features", "-c", str(config)))
+    ok(repa("train", "-c", str(config), *sets))
+    ok(repa("sample", "-c", str(config), *sets))
+    st = states(cfg_of(config, f"model.name={model}", "model.num_classes=0", f"train.align={align}"))
+    assert st["train"].manifest.extra["model_kwargs"]["num_classes"] == 0
+    run = st["train"].path
+    net = load_run_model(run, st["train"].manifest.extra, "ema", torch.device("cpu"), 0)
+    assert net.y_embedder is None and not any("y_embedder" in k for k in net.state_dict())
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, torch.tensor([0, 0])).velocity, net(x, t, torch.tensor([3, 1])).velocity)
+    samples = np.load(st["sample"].path / "samples.npz")
+    assert samples["arr_0"].shape == (16, 32, 32, 3) and (samples["arr_1"] == 0).all()
+    # guidance needs classes: a usage error before any compute
+    proc = repa("sample", "-c", str(config), *sets, "--set", "sample.cfg_scale=2", "--force")
+    assert proc.returncode == 2 and "unconditional" in proc.stderr
+
+
+def test_a_separate_reference_source_scores_and_gives_its_floor(tmp_path):
+    config = tiny_config(tmp_path)
+    folder = _reference_folder(tmp_path / "val")
+    sets = ["--set", "eval.reference=source", "--set", "eval.reference_source=imagefolder",
+            "--set", f"eval.reference_path={folder}", "--set", "eval.reference_limit=12", "--set", "eval.batch_size=16"]
+    ok(repa("features", "-c", str(config)))
+    ok(repa("train", "-c", str(config)))
+    ok(repa("eval", "-c", str(config), *sets))
+    cfg = cfg_of(config, *sets[1::2])
+    st = states(cfg)
+    assert st["evaluate"].state == "up-to-date"
+    metrics = json.loads((st["evaluate"].path / "metrics.json").read_text())
+    assert np.isfinite(metrics["fid"]) and isinstance(metrics["kid"], float)
+    assert "reference/source/ingest" in metrics["reference"]
+    held = json.loads((tmp_path / "work" / "reference" / "source" / "ingest" / "manifest.json").read_text())
+    assert held["extra"]["num_images"] == 12 and held["extra"]["order"] == "shuffled"
+    out = ok_out(repa("floor", "-c", str(config), *sets))
+    assert "floor: FID" in out and "6 vs 6 images" in out
+    # another reference folder is another evaluation
+    other = _reference_folder(tmp_path / "val2", per_class=5)
+    moved = [v if not v.startswith("eval.reference_path=") else f"eval.reference_path={other}" for v in sets[1::2]]
+    assert states(cfg_of(config, *moved))["evaluate"].state != "up-to-date"
+    proc = repa("evaluate", "-c", str(config), "--set", "eval.reference=source")
+    assert proc.returncode == 2 and "eval.reference_path" in proc.stderr
