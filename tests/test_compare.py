@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 
 from jobs.compare import aggregate, images_to_reach, speedups, table
-from jobs.evaluate import floor_metrics
+from pipeline.metrics.floor import floor_metrics
 
 
 def _points(fids, kids=None, images=(100, 200)):

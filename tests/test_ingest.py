@@ -297,3 +297,25 @@ def test_seeded_limit_holds_every_class_and_is_stable(tmp_path):
                                       "data.limit=8", "data.order=source"])
     ingest(source_order)
     assert [lab for _, lab, _ in _read_all(tmp_path / "w3" / "ingest")] == [0] * 8
+
+
+CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.mark.skipif(not CIFAR10.is_file(), reason=f"CIFAR-10 image-folder archive not found at {CIFAR10} "
+                                                  "(experiment data beside the checkout; the product never needs it)")
+def test_cifar10_archive_reads_in_place_with_balanced_seeded_splits():
+    train = ImageFolderSource(f"{CIFAR10}/cifar10/train")
+    assert train.classes() == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                               "truck"]
+    from jobs.ingest import select
+
+    items = train.items()
+    assert len(items) == 50_000 and np.bincount([it.label for it in items]).tolist() == [5000] * 10
+    first = select(items, 0, 1000, order_seed=0)
+    counts = np.bincount([it.label for it in first], minlength=10)
+    assert counts.min() >= 70, counts  # every class, near 100 each
+    image = train.load(first[0])
+    assert image.size == (32, 32) and image.mode == "RGB"
+    test = ImageFolderSource(f"{CIFAR10}/cifar10/test")
+    assert len(test.items()) == 10_000
