@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from pipeline.progress import progress
 from pipeline.stores.shards import ShardIndex
 from pipeline.stores.zarr_store import ArraySpec, StoreWriter
 
@@ -151,7 +151,7 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
     total = sum(stop - start for start, stop in todo)
     resumed = len(writer.ranges()) - len(todo)
     begin = time.perf_counter()
-    bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, disable=total == 0)
+    bar = progress(total=total, unit="img", desc=desc, disable=total == 0)
     try:
         if not todo:
             pass

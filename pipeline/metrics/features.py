@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import faults
 from pipeline.metrics.frechet import RunningStatistics
+from pipeline.progress import progress
 from pipeline.stores.shards import ShardIndex
 
 
@@ -28,7 +28,7 @@ def inception_features(net, images, batch_size: int, device: torch.device, desc:
     pool: list[np.ndarray] = []
     kept_logits: list[np.ndarray] = []
     kept = 0
-    for lo in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+    for lo in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
         x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + batch_size])).permute(0, 3, 1, 2).to(device)
         with torch.inference_mode():
             out = net.features(x)

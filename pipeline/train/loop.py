@@ -45,7 +45,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
 from pipeline import faults
 from pipeline.precision import autocast_dtype as precision_autocast
@@ -446,7 +445,7 @@ def training_loop(
 
     # -- bookkeeping --------------------------------------------------------------------------------
     logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start)
-    bar = tqdm(total=steps, initial=start, unit="step", desc="train", dynamic_ncols=True,
+    bar = progress(total=steps, initial=start, unit="step", desc="train",
                disable=not (progress and rank == 0))
     window, row, loss_value = _Window(), {}, math.nan
     first_bad = torch.full((3,), -1.0, device=device)  # (steps done, loss, grad norm) of the first non-finite step
