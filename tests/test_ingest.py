@@ -198,7 +198,7 @@ def test_on_error_fail_exits_1_naming_the_file(folder, tmp_path):
 def test_missing_source_folder_exits_2(tmp_path):
     proc = repa("ingest", "--set", f"workdir={tmp_path}", "--set", "data.source=imagefolder",
                 "--set", f"data.path={tmp_path / 'nope'}")
-    assert proc.returncode == 2 and "is not a directory" in proc.stderr
+    assert proc.returncode == 2 and "is neither a directory nor an archive" in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
