@@ -29,7 +29,8 @@ def inception_features(net, images, batch_size: int, device: torch.device, desc:
     kept_logits: list[np.ndarray] = []
     kept = 0
     for lo in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
-        x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + batch_size])).permute(0, 3, 1, 2).to(device)
+        # a writable, contiguous batch: a memory-mapped samples.npz is read-only, which torch warns about
+        x = torch.from_numpy(np.require(images[lo:lo + batch_size], requirements=["C", "W"])).permute(0, 3, 1, 2).to(device)
         with torch.inference_mode():
             out = net.features(x)
         batch = {name: out[name].float().cpu().numpy() for name in ("pool", "spatial")}

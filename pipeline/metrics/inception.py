@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -258,7 +259,9 @@ def load_inception(spec: str | Path = FID_HELPER, device: str | torch.device = "
     path = _resolve(spec)
     device = torch.device(device)
     try:
-        module = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # the Inception ports are TorchScript files: nothing for a user to change
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+            module = torch.jit.load(str(path), map_location=device)
     except RuntimeError as err:
         raise ValueError(
             f"could not load {str(path)!r} as TorchScript ({err.__class__.__name__}: {str(err)[:200]}). "
