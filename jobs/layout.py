@@ -40,12 +40,6 @@ INGEST_KEYS = tuple(
     for k in ("source", "path", "resolution", "limit", "offset", "on_error", "shard_size",
               "synthetic_count", "synthetic_classes", "seed")
 )
-
-
-def ingest_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
-    """INGEST_KEYS, plus the order keys when the order is a seeded permutation (data.order was added
-    after ingests existed: those in the source's order keep their fingerprints)."""
-    return INGEST_KEYS + (("data.shuffled", "data.order_seed") if cfg.data.shuffled else ())
 LATENT_KEYS = ("vae.name", "vae.weights", "vae.flip", "vae.precision", "stores.samples_per_shard")
 TEACHER_KEYS = (
     "teacher.name", "teacher.weights", "teacher.resolution", "teacher.cache", "teacher.dtype",
@@ -60,6 +54,12 @@ SAMPLE_KEYS = tuple(f"sample.{k}" for k in ("num", "labels", "sampler", "heun", 
                                              "weights", "batch_size", "checkpoint"))  # batch i's noise and labels: (seed, i)
 EVAL_KEYS = ("eval.reference", "eval.reference_offset", "eval.reference_limit", "eval.inception",
              "eval.splits", "eval.k")
+
+
+def ingest_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """INGEST_KEYS, plus the order keys when the order is a seeded permutation (data.order was added
+    after ingests existed: those in the source's order keep their fingerprints)."""
+    return INGEST_KEYS + (("data.shuffled", "data.order_seed") if cfg.data.shuffled else ())
 
 
 # align.* fields added after runs existed: in a fingerprint only when set away from these defaults.
@@ -133,7 +133,7 @@ def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | No
                     return f"array {entry.name} of {store} is not the one the manifest records (its shard checksums differ)"
     if deep and to_hash:
         with progress(total=sum(p.stat().st_size for p, _ in to_hash), unit="B", unit_scale=True,
-                  desc=f"sha256 {directory.name}", leave=False, disable=None) as bar:
+                      desc=f"sha256 {directory.name}", leave=False, disable=None) as bar:
             for path, sha in to_hash:
                 if sha256_file(path) != sha:
                     return f"{path} does not have the sha256 the manifest records (its bytes changed)"
