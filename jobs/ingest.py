@@ -26,7 +26,7 @@ from jobs.stage import UsageError
 from pipeline import faults
 from pipeline.datasets.center_crop import adm_center_crop
 from pipeline.datasets.sources import SourceError, SourceItem, fit_small, open_source
-from pipeline.progress import progress
+from pipeline.progress import progress_bar
 from pipeline.stores.atomic import atomic_write_json, atomic_write_text
 from pipeline.stores.shards import write_shard
 from schemas.config import ExperimentConfig
@@ -190,7 +190,7 @@ def ingest(cfg: ExperimentConfig, force: bool = False) -> None:
     say("ingest", f"{len(items)} images from {d.source}:{d.path} ({order}, offset {d.offset}) -> {len(shards)} "
                   f"shards at {d.resolution}px")
 
-    bar = progress(total=sum(len(t.items) for t in todo), unit="img", desc="ingest")
+    bar = progress_bar(total=sum(len(t.items) for t in todo), unit="img", desc="ingest")
     try:
         if d.num_workers == 1 or len(todo) <= 1:
             _init_worker(source)

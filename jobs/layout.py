@@ -21,7 +21,7 @@ import hashlib
 from pathlib import Path
 
 from jobs.stage import StageSpec, StageState, canonical_json, evaluate_state, lookup
-from pipeline.progress import progress
+from pipeline.progress import progress_bar
 from pipeline.stores.checksum import sha256_file
 from pipeline.stores.zarr_store import StoreReader
 from schemas.config import ExperimentConfig, TrainConfig
@@ -132,7 +132,7 @@ def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | No
                 if digests.get(entry.name) != entry.sha256:
                     return f"array {entry.name} of {store} is not the one the manifest records (its shard checksums differ)"
     if deep and to_hash:
-        with progress(total=sum(p.stat().st_size for p, _ in to_hash), unit="B", unit_scale=True,
+        with progress_bar(total=sum(p.stat().st_size for p, _ in to_hash), unit="B", unit_scale=True,
                       desc=f"sha256 {directory.name}", leave=False, disable=None) as bar:
             for path, sha in to_hash:
                 if sha256_file(path) != sha:

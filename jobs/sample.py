@@ -32,7 +32,7 @@ from jobs.stage import UsageError
 from pipeline import faults
 from pipeline.models import build_model
 from pipeline.precision import autocast
-from pipeline.progress import progress
+from pipeline.progress import progress_bar
 from pipeline.sampling import image_grid, sample_labels, samples_to_uint8
 from pipeline.sampling import sample as run_sampler
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_npz
@@ -183,7 +183,7 @@ def sample(cfg: ExperimentConfig, force: bool = False) -> None:
     plan = DrawPlan(cfg.model_dump(mode="json"), str(run_dir.resolve()), dict(train.extra), str(parts.resolve()),
                     tuple(batches), tuple(int(v) for v in labels))
     todo = [i for i in range(len(batches)) if i not in done]
-    bar = progress(total=s.num, initial=sum(hi - lo for i, (lo, hi) in enumerate(batches) if i in done),
+    bar = progress_bar(total=s.num, initial=sum(hi - lo for i, (lo, hi) in enumerate(batches) if i in done),
                unit="img", desc="sample")
     try:
         if todo and s.launcher == "ray":

@@ -14,7 +14,7 @@ from tqdm import tqdm
 LOG_INTERVAL = 30.0  # seconds between redraws when stderr is not a terminal
 
 
-def progress(iterable=None, **kwargs) -> tqdm:
+def progress_bar(iterable=None, **kwargs) -> tqdm:
     """tqdm(iterable, **kwargs) with dynamic width, and LOG_INTERVAL between redraws outside a terminal."""
     kwargs.setdefault("dynamic_ncols", True)
     if not sys.stderr.isatty():

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline.progress import progress
+from pipeline.progress import progress_bar
 from pipeline.stores.shards import ShardIndex
 from pipeline.stores.zarr_store import ArraySpec, StoreWriter
 
@@ -151,7 +151,7 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
     total = sum(stop - start for start, stop in todo)
     resumed = len(writer.ranges()) - len(todo)
     begin = time.perf_counter()
-    bar = progress(total=total, unit="img", desc=desc, disable=total == 0)
+    bar = progress_bar(total=total, unit="img", desc=desc, disable=total == 0)
     try:
         if not todo:
             pass

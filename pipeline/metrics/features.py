@@ -7,7 +7,7 @@ import torch
 
 from pipeline import faults
 from pipeline.metrics.frechet import RunningStatistics
-from pipeline.progress import progress
+from pipeline.progress import progress_bar
 from pipeline.stores.shards import ShardIndex
 
 
@@ -28,7 +28,7 @@ def inception_features(net, images, batch_size: int, device: torch.device, desc:
     pool: list[np.ndarray] = []
     kept_logits: list[np.ndarray] = []
     kept = 0
-    for lo in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
+    for lo in progress_bar(range(0, len(images), batch_size), desc=desc, unit="batch"):
         # a writable, contiguous batch: a memory-mapped samples.npz is read-only, which torch warns about
         x = torch.from_numpy(np.require(images[lo:lo + batch_size], requirements=["C", "W"])).permute(0, 3, 1, 2).to(device)
         with torch.inference_mode():

@@ -243,9 +243,9 @@ def _full_float32() -> Iterator[None]:
 def _batches(images: np.ndarray, batch_size: int, progress: bool) -> Iterator[np.ndarray]:
     starts = range(0, len(images), batch_size)
     if progress:
-        from pipeline.progress import progress
+        from pipeline.progress import progress_bar
 
-        starts = progress(starts, total=math.ceil(len(images) / batch_size), desc="inception", unit="batch")
+        starts = progress_bar(starts, total=math.ceil(len(images) / batch_size), desc="inception", unit="batch")
     for start in starts:
         yield images[start:start + batch_size]
 

@@ -67,7 +67,7 @@ import zarr
 import zarr.codecs
 
 from pipeline import faults
-from pipeline.progress import progress
+from pipeline.progress import progress_bar
 from pipeline.stores.atomic import PathLike, atomic_write_json, fsync_dir
 from pipeline.stores.checksum import combined_digest, sha256_file
 
@@ -511,7 +511,7 @@ def _verify(path: Path, specs: Sequence[ArraySpec], ranges: list[tuple[int, int]
                 to_hash.append((f, entry))
     if not deep:
         return None
-    with progress(total=sum(e["bytes"] for _, e in to_hash), unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+    with progress_bar(total=sum(e["bytes"] for _, e in to_hash), unit="B", unit_scale=True, desc=f"sha256 {path.name}",
               dynamic_ncols=True, leave=False, disable=None) as bar:  # disable=None: only on a terminal
         for f, entry in to_hash:
             if sha256_file(f) != entry["sha256"]:

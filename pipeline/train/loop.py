@@ -48,6 +48,7 @@ import torch.nn as nn
 
 from pipeline import faults
 from pipeline.precision import autocast_dtype as precision_autocast
+from pipeline.progress import progress_bar
 from pipeline.teachers.targets import TeacherTargets
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import TrainDataset
@@ -445,8 +446,8 @@ def training_loop(
 
     # -- bookkeeping --------------------------------------------------------------------------------
     logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start)
-    bar = progress(total=steps, initial=start, unit="step", desc="train",
-               disable=not (progress and rank == 0))
+    bar = progress_bar(total=steps, initial=start, unit="step", desc="train",
+                       disable=not (progress and rank == 0))
     window, row, loss_value = _Window(), {}, math.nan
     first_bad = torch.full((3,), -1.0, device=device)  # (steps done, loss, grad norm) of the first non-finite step
     run_start, ema_model = time.perf_counter(), None
@@ -511,7 +512,8 @@ def training_loop(
             if done % log_every == 0 or done == steps:
                 row = window.row(world_size, batch_size, current_lr)
                 logger.log(done, row)
-                bar.set_postfix(loss=f"{row.get('loss', loss_value):.4f}", img_s=f"{row['images_per_s']:.1f}")
+                bar.set_postfix(loss=f"{row.get('loss', loss_value):.4f}", img_s=f"{row['images_per_s']:.1f}",
+                               refresh=False)
                 window = _Window()
             if done % checkpoint_every == 0 or done == steps:
                 last_checkpoint = ckpt.checkpoint_path(run_dir, done)
