@@ -140,6 +140,30 @@ def speedups(base: list[dict], row: list[dict]) -> dict:
             "per_checkpoint": [ratio(mean, b["fid"], b["images"]) for b in base]}
 
 
+def _seconds(directory: Path) -> float:
+    """stats.seconds of the stage whose manifest is in `directory` (0 when it has none)."""
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        return 0.0
+    return float(json.loads(manifest.read_text()).get("stats", {}).get("seconds") or 0.0)
+
+
+def stage_seconds(cfg: ExperimentConfig) -> dict:
+    """Wall time of every stage the comparison ran, from the manifests: features (ingest, latents,
+    teacher), the reference images' ingest, training, sampling and evaluation summed over the plan."""
+    out = {name: _seconds(layout.SPECS[name].directory(cfg)) for name in ("ingest", "latents", "teacher")}
+    if cfg.eval.reference in layout.REFERENCE_IMAGES:
+        out["reference"] = _seconds(layout.SPECS["ingest"].directory(layout.holdout_config(cfg)))
+    out["train"] = out["sample"] = out["evaluate"] = 0.0
+    for _, train_cfgs, eval_cfgs in plan(cfg):
+        out["train"] += sum(_seconds(layout.SPECS["train"].directory(c)) for c in train_cfgs)
+        for c in eval_cfgs:
+            out["sample"] += _seconds(layout.SPECS["sample"].directory(c))
+            out["evaluate"] += _seconds(layout.SPECS["evaluate"].directory(c))
+    out["total"] = sum(out.values())
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def collect(cfg: ExperimentConfig, floor: dict | None = None) -> dict:
     """Read every evaluation of the plan; a missing one is a usage error naming the stage. `floor`: the
     reference's real-vs-real floor (evaluate.reference_floor), shown under the table."""
@@ -171,7 +195,7 @@ def collect(cfg: ExperimentConfig, floor: dict | None = None) -> dict:
     return {"baseline": BASELINE, "baseline_fid": base[-1]["fid"], "baseline_images": base[-1]["images"],
             "num_samples": cfg.sample.num, "model": cfg.model.name, "conditional": cfg.model.num_classes > 0,
             "teacher": f"{cfg.teacher.name} ({cfg.teacher.weights}, {cfg.teacher.resolution}px)",
-            "floor": floor, "methods": rows}
+            "floor": floor, "seconds": stage_seconds(cfg), "methods": rows}
 
 
 def _fmt_range(p: dict, key: str, scale: float = 1.0) -> str:
@@ -210,6 +234,13 @@ def table(result: dict) -> str:
     for method, row in methods.items():
         if method != result["baseline"]:
             lines.append(f"| {method} | " + " | ".join(_fmt_speed(v) for v in row["speedup"]["per_checkpoint"]) + " |")
+    secs = result.get("seconds")
+    if secs:
+        ref = f", reference images {secs['reference']:.0f}" if "reference" in secs else ""
+        lines += ["", f"Time (stage manifests): features {secs['ingest'] + secs['latents'] + secs['teacher']:.0f} s "
+                      f"(ingest {secs['ingest']:.0f}, latents {secs['latents']:.0f}, teacher {secs['teacher']:.0f}){ref}, "
+                      f"training {secs['train']:.0f} s, sampling {secs['sample']:.0f} s, evaluation {secs['evaluate']:.0f} s; "
+                      f"total {secs['total']:.0f} s."]
     floor = result.get("floor")
     if floor:
         lines += ["", f"Floor (real vs real, {floor['images_per_half']} vs {floor['images_per_half']} reference "

@@ -523,6 +523,10 @@ def test_compare_trains_each_method_once_and_tables_every_checkpoint(tmp_path):
     result = json.loads((work / "compare" / "compare.json").read_text())
     assert set(result["methods"]) == {"none", "urepa"}
     assert result["methods"]["none"]["seeds"] == [0, 1] and result["methods"]["urepa"]["seeds"] == [0]
+    secs = result["seconds"]  # every stage's wall time, summed from the manifests
+    assert all(secs[k] > 0 for k in ("ingest", "latents", "teacher", "train", "sample", "evaluate"))
+    assert secs["total"] == pytest.approx(sum(v for k, v in secs.items() if k != "total"), abs=0.5)
+    assert "Time (stage manifests): features" in out
     for row in result["methods"].values():
         assert [p["step"] for p in row["points"]] == [3, 6] and [p["images"] for p in row["points"]] == [24, 48]
         assert all(p["fid"] > 0 and isinstance(p["kid"], float) for p in row["points"])
