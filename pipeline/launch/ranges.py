@@ -178,10 +178,6 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
     }
 
 
-def _split(todo: list[tuple[int, int]], n: int) -> list[list[tuple[int, int]]]:
-    return [todo[i::n] for i in range(n) if todo[i::n]]
-
-
 def _run_processes(job, extractor, device, num_workers, todo, bar) -> None:
     ctx = mp.get_context("spawn")  # CUDA and threaded torch do not survive fork
     with cf.ProcessPoolExecutor(min(num_workers, len(todo)), mp_context=ctx) as pool:
