@@ -2,7 +2,7 @@
 
 One step = the batch read from feature stores (latent moments + the teacher's arrays, through
 StoreReader and TrainDataset, as training reads them) + the teacher work the cache leaves + the
-student forward/backward + AdamW + EMA (`pipeline.train.loop.train_step`). Four cases, same student,
+student forward/backward + AdamW + EMA (`pipeline.train.step.train_step`). Four cases, same student,
 same batch:
 
     repa  + tokens   cached x_norm_patchtokens [T, D]: no teacher compute
@@ -36,7 +36,7 @@ from pipeline.teachers import dinov2
 from pipeline.teachers.target_sources import build_teacher_source
 from pipeline.train.data import TrainDataset
 from pipeline.train.ema import EMA
-from pipeline.train.loop import train_step
+from pipeline.train.step import train_step
 from schemas.config import AlignConfig, TeacherConfig
 
 PRESETS = {

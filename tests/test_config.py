@@ -134,3 +134,12 @@ def test_cool_down_hashes_the_run_length_and_leaves_older_run_names_alone():
     assert "train.cooldown_steps" in train_keys(cool)
     assert run_name(cool) != run_name(base)
     assert run_name(cool_longer) != run_name(cool)  # the schedule depends on the length
+
+
+def test_library_modules_stay_short():
+    # One concept per module: a library module past ~400 lines holds more than one and is split by role
+    # (as the Zarr store is: layout, writer, reader, verification).
+    limit = 420
+    long = {str(p.relative_to(ROOT)): n for d in ("pipeline", "schemas") for p in sorted((ROOT / d).rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > limit}
+    assert not long, f"library modules over {limit} lines: {long}"

@@ -309,7 +309,7 @@ def test_loss_decreases(tmp_path):
 
 
 def test_learning_rate_warm_up_and_cool_down_by_hand():
-    from pipeline.train.loop import learning_rate
+    from pipeline.train.step import learning_rate
 
     # 10 updates, warm-up 4, cool-down 3: 1/4 2/4 3/4 1 1 1 1 | 3/3 -> 2/3 -> 1/3 of the last three
     got = [learning_rate(s, 2.0, 4, 3, 10) for s in range(10)]

@@ -14,7 +14,8 @@ from pipeline.align.base import FlowMatching
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import StepSampler
 from pipeline.train.ema import EMA
-from pipeline.train.loop import TeacherReads, learning_rate, train_step, training_loop
+from pipeline.train.loop import TeacherReads, training_loop
+from pipeline.train.step import learning_rate, train_step
 from tests.test_train_loop import NanAt, TinyNet, dataset, loop_args, rows
 
 LR = 3e-3

@@ -29,7 +29,7 @@ Switches (both on by default, as in the paper's model):
   has the parameter count of the GELU MLP (4C), so neither switch moves the parameter count.
 
 Parameters (4x32x32 latents, 1000 classes): B 190.7M, L 668.5M, XL 943.4M without the alignment
-projector, which lives in pipeline/align/heads.py (README compares them with the published counts).
+projector, which lives in pipeline/align/heads.py (docs/models-and-alignment.md compares them with the published counts).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ runs under any launcher in pipeline.launch; the launcher's WorkerContext is read
 from pipeline.train.data import TrainDataset
 from pipeline.train.ema import EMA
 from pipeline.train.logging import MetricsLogger
-from pipeline.train.loop import train_step, training_loop
+from pipeline.train.loop import training_loop
+from pipeline.train.step import train_step
 
 __all__ = ["EMA", "MetricsLogger", "TrainDataset", "train_step", "training_loop"]

@@ -1,0 +1,49 @@
+"""Verification of a store: every range published, every shard file present with its recorded size,
+and (deep) its recorded sha256."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.progress import progress_bar
+from pipeline.stores.checksum import sha256_file
+from pipeline.stores.zarr_layout import RANGES_DIR, ArraySpec, range_markers
+
+
+def verify_ranges(path: Path, specs: Sequence[ArraySpec], ranges: list[tuple[int, int]], deep: bool = False) -> str | None:
+    """None when every range of `ranges` is published with every array's shard files at their recorded
+    sizes (and, `deep`, their recorded sha256), else what is wrong, in one line."""
+    if not (path / "zarr.json").is_file():
+        return f"store {path} does not exist"
+    marked = set(range_markers(path))
+    missing = [r for r in ranges if r not in marked]
+    if missing:
+        shown = ", ".join(f"[{a}, {b})" for a, b in missing[:5])
+        more = ", ..." if len(missing) > 5 else ""
+        return f"{len(missing)} of {len(ranges)} ranges not written ({shown}{more})"
+    to_hash: list[tuple[Path, dict[str, Any]]] = []
+    for start, stop in ranges:
+        marker = json.loads((path / RANGES_DIR / f"{start}-{stop}").read_text())
+        for spec in specs:
+            entries = marker.get("files", {}).get(spec.name)
+            if not entries:
+                return f"range [{start}, {stop}) records no shard file for array {spec.name!r}"
+            for entry in entries:
+                f = path / spec.name / entry["key"]
+                if not f.is_file() or f.stat().st_size != entry["bytes"]:
+                    return f"shard file {f} is missing or does not have the {entry['bytes']} bytes its marker records"
+                if deep and "sha256" not in entry:
+                    return f"shard file {f} was published without a checksum; rerun its stage with --force to add checksums"
+                to_hash.append((f, entry))
+    if not deep:
+        return None
+    with progress_bar(total=sum(e["bytes"] for _, e in to_hash), unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+              dynamic_ncols=True, leave=False, disable=None) as bar:  # disable=None: only on a terminal
+        for f, entry in to_hash:
+            if sha256_file(f) != entry["sha256"]:
+                return f"shard file {f} does not have the sha256 its marker records (its bytes changed)"
+            bar.update(entry["bytes"])
+    return None
