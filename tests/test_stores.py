@@ -380,7 +380,7 @@ import numpy as np
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from test_stores import N, S, SPECS, ATTRS, make_data
 from pipeline.stores.zarr_store import StoreWriter
-import pipeline.stores.zarr_store as zs
+import pipeline.stores.zarr_writer as zw
 real_replace, moved = os.replace, []
 def replace_then_die(src, dst):
     real_replace(src, dst)
@@ -388,7 +388,7 @@ def replace_then_die(src, dst):
         moved.append(dst)
         if len(moved) == 2:  # two arrays' shards of the range are in place, the rest and the marker are not
             os.kill(os.getpid(), signal.SIGKILL)
-zs.os.replace = replace_then_die
+zw.os.replace = replace_then_die
 data = make_data()
 w = StoreWriter({path!r}, N, SPECS, S, ATTRS)
 w.write_range(8, 16, {{k: v[8:16] for k, v in data.items()}})
