@@ -121,11 +121,81 @@ def init_transformer_weights(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+#                             What SiT and SiT-down share
+# ----------------------------------------------------------------------------------------------
+
+
+class PatchTransformer(nn.Module):
+    """The parts of a patch-token transformer that SiT and SiT-down share: the stem (patchify conv,
+    timestep and label embedders, sincos position embedding or RoPE tables on the full token grid),
+    the checks at the top of forward, and the final layer at its end. A subclass sets its geometry
+    with `_geometry`, builds the stem with `_stem`, then its own blocks and the final layer."""
+
+    supports_attention = True
+
+    def _geometry(self, name: str, input_size: int, patch_size: int, in_channels: int, hidden_size: int,
+                  depth: int, num_heads: int, num_classes: int, use_rope: bool, use_swiglu: bool) -> None:
+        self.name = name  # build_model sets the registry name
+        self.in_channels = in_channels
+        self.out_channels = in_channels
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.depth = depth
+        self.use_rope = use_rope
+        self.use_swiglu = use_swiglu
+        self.grid = (input_size // patch_size, input_size // patch_size)
+
+    def _stem(self, class_dropout_prob: float, abs_pos_embed: bool | None, rope_theta: float) -> None:
+        """Patchify conv, timestep and label embedders, then the position code of the full grid:
+        fixed sincos (abs_pos_embed; None = on unless RoPE is on) and/or the RoPE tables."""
+        c = self.hidden_size
+        self.x_embedder = nn.Conv2d(self.in_channels, c, kernel_size=self.patch_size, stride=self.patch_size)
+        self.t_embedder = TimestepEmbedder(c)
+        self.y_embedder = label_embedder(self.num_classes, c, class_dropout_prob)
+        self.abs_pos_embed = (not self.use_rope) if abs_pos_embed is None else abs_pos_embed
+        if self.abs_pos_embed:
+            self.register_buffer("pos_embed", sincos_pos_embed_2d(c, self.grid)[None], persistent=False)
+        else:
+            self.pos_embed = None
+        if self.use_rope:
+            cos, sin = rope_2d(c // self.num_heads, self.grid, rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def align_width(self, depth: int) -> int:
+        """Width of the hidden state after block `depth` (1-indexed): hidden_size at every block."""
+        check_align_depth(depth, self.depth)
+        return self.hidden_size
+
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, align_depth: int | None,
+               attn_layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int | None, tuple[int, ...]]:
+        """Checked inputs -> (tokens h [B, N, C], condition c [B, C], align_depth, attention layers)."""
+        check_input(x, self.in_channels, self.input_size)
+        align_depth = check_align_depth(align_depth, self.depth)
+        layers = check_attn_layers(attn_layers, self.depth, self.supports_attention)
+        h = self.x_embedder(x).flatten(2).transpose(1, 2)  # [B, N, C]
+        if self.pos_embed is not None:
+            h = h + self.pos_embed.to(h.dtype)
+        c = add_label(self.t_embedder(t), self.y_embedder, y)  # [B, C]
+        return h, c, align_depth, layers
+
+    def _output(self, h: torch.Tensor, c: torch.Tensor, hidden: torch.Tensor | None,
+                logits: dict[int, torch.Tensor], layers: tuple[int, ...]) -> ModelOutput:
+        """Final layer and unpatchify: tokens [B, N, C] -> ModelOutput(velocity [B, C_in, H, W], ...)."""
+        out = self.final_layer(h, c)  # [B, N, p*p*C]
+        velocity = unpatchify(out, self.patch_size, self.out_channels, self.grid)
+        return ModelOutput(velocity, hidden, tuple(logits[i] for i in layers))
+
+
+# ----------------------------------------------------------------------------------------------
 #                                        SiT backbone
 # ----------------------------------------------------------------------------------------------
 
 
-class SiT(nn.Module):
+class SiT(PatchTransformer):
     """Class-conditional SiT/DiT backbone predicting the velocity field.
 
     forward(x [B, C, H, W], t [B] in [0, 1], y [B] long) -> ModelOutput(velocity [B, C, H, W],
@@ -138,8 +208,6 @@ class SiT(nn.Module):
     L and XL 8); None (a model built outside the registry) = min(depth, 8) when hidden_size >= 768,
     else max(1, depth // 3).
     """
-
-    supports_attention = True
 
     def __init__(
         self,
@@ -163,35 +231,14 @@ class SiT(nn.Module):
             raise ValueError(f"input_size {input_size} must be divisible by patch_size {patch_size}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.name = "SiT"  # build_model sets the registry name
-        self.in_channels = in_channels
-        self.out_channels = in_channels
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.num_classes = num_classes
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.depth = depth
-        self.use_rope = use_rope
-        self.use_swiglu = use_swiglu
-        self.grid = (input_size // patch_size, input_size // patch_size)
+        self._geometry("SiT", input_size, patch_size, in_channels, hidden_size, depth, num_heads, num_classes,
+                       use_rope, use_swiglu)
         if default_align_depth is None:
             default_align_depth = min(depth, 8) if hidden_size >= 768 else max(1, depth // 3)
         check_align_depth(default_align_depth, depth)
         self.default_align_depth = default_align_depth
 
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = label_embedder(num_classes, hidden_size, class_dropout_prob)
-        self.abs_pos_embed = (not use_rope) if abs_pos_embed is None else abs_pos_embed
-        if self.abs_pos_embed:
-            self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
-        else:
-            self.pos_embed = None
-        if use_rope:
-            cos, sin = rope_2d(hidden_size // num_heads, self.grid, rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self._stem(class_dropout_prob, abs_pos_embed, rope_theta)
         self.blocks = nn.ModuleList(
             [SiTBlock(hidden_size, num_heads, mlp_ratio, use_swiglu) for _ in range(depth)]
         )
@@ -203,11 +250,6 @@ class SiT(nn.Module):
         check_align_depth(depth, self.depth)
         return self.grid
 
-    def align_width(self, depth: int) -> int:
-        """Width of the hidden state after block `depth` (1-indexed): always hidden_size."""
-        check_align_depth(depth, self.depth)
-        return self.hidden_size
-
     def forward(
         self,
         x: torch.Tensor,
@@ -217,16 +259,9 @@ class SiT(nn.Module):
         align_depth: int | None = None,
         attn_layers: Sequence[int] = (),
     ) -> ModelOutput:
-        check_input(x, self.in_channels, self.input_size)
-        align_depth = check_align_depth(align_depth, self.depth)
-        layers = check_attn_layers(attn_layers, self.depth, self.supports_attention)
+        h, c, align_depth, layers = self._embed(x, t, y, align_depth, attn_layers)
         wanted = set(layers)
         rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
-
-        h = self.x_embedder(x).flatten(2).transpose(1, 2)  # [B, N, C]
-        if self.pos_embed is not None:
-            h = h + self.pos_embed.to(h.dtype)
-        c = add_label(self.t_embedder(t), self.y_embedder, y)  # [B, C]
 
         hidden = None
         logits: dict[int, torch.Tensor] = {}
@@ -236,6 +271,4 @@ class SiT(nn.Module):
                 logits[i] = block_logits
             if align_depth == i + 1:
                 hidden = h
-        out = self.final_layer(h, c)  # [B, N, p*p*C]
-        velocity = unpatchify(out, self.patch_size, self.out_channels, self.grid)
-        return ModelOutput(velocity, hidden, tuple(logits[i] for i in layers))
+        return self._output(h, c, hidden, logits, layers)

@@ -40,17 +40,11 @@ import torch
 import torch.nn as nn
 
 from pipeline.models.layers import (
-    TimestepEmbedder,
-    add_label,
     check_align_depth,
-    check_attn_layers,
-    check_input,
-    label_embedder,
     rope_2d,
-    sincos_pos_embed_2d,
 )
 from pipeline.models.output import ModelOutput
-from pipeline.models.sit import FinalLayer, SiTBlock, init_transformer_weights, unpatchify
+from pipeline.models.sit import FinalLayer, PatchTransformer, SiTBlock, init_transformer_weights
 
 # ----------------------------------------------------------------------------------------------
 #                                 Token-grid resampling
@@ -99,7 +93,7 @@ class Upsample(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-class SiTDown(nn.Module):
+class SiTDown(PatchTransformer):
     """U-shaped SiT with stages [encoder, middle (half grid), decoder]; see the module docstring.
 
     forward(x [B, C, H, W], t [B] in [0, 1], y [B] long) -> ModelOutput(velocity [B, C, H, W],
@@ -107,8 +101,6 @@ class SiTDown(nn.Module):
     elsewhere), attn_logits: one [B, heads, N_l, N_l] per 0-indexed block in `attn_layers`).
     default_align_depth: None = middle of the middle stage, E + ceil(M / 2) (XL 18, L 16, B 8).
     """
-
-    supports_attention = True
 
     def __init__(
         self,
@@ -141,40 +133,19 @@ class SiTDown(nn.Module):
             )
         if hidden_size % 4:
             raise ValueError(f"hidden_size must be divisible by 4 (downsample conv C -> C/4), got {hidden_size}")
-        self.name = "SiTDown"  # build_model sets the registry name
-        self.in_channels = in_channels
-        self.out_channels = in_channels
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.num_classes = num_classes
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
+        self._geometry("SiTDown", input_size, patch_size, in_channels, hidden_size, sum(stage_depths), num_heads,
+                       num_classes, use_rope, use_swiglu)
         self.stage_depths = stage_depths
-        self.depth = sum(stage_depths)
-        self.use_rope = use_rope
-        self.use_swiglu = use_swiglu
         n_enc, n_mid, _ = stage_depths
-        self.grid = (input_size // patch_size, input_size // patch_size)
         self.half_grid = (self.grid[0] // 2, self.grid[1] // 2)
         if default_align_depth is None:
             default_align_depth = n_enc + (n_mid + 1) // 2
         check_align_depth(default_align_depth, self.depth)
         self.default_align_depth = default_align_depth
 
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = label_embedder(num_classes, hidden_size, class_dropout_prob)
-        self.abs_pos_embed = (not use_rope) if abs_pos_embed is None else abs_pos_embed
-        if self.abs_pos_embed:
-            self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
-        else:
-            self.pos_embed = None
-        if use_rope:
-            head_dim = hidden_size // num_heads
-            cos, sin = rope_2d(head_dim, self.grid, rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-            cos, sin = rope_2d(head_dim, self.half_grid, rope_theta)
+        self._stem(class_dropout_prob, abs_pos_embed, rope_theta)
+        if use_rope:  # the middle stage's tables, on the half grid
+            cos, sin = rope_2d(hidden_size // num_heads, self.half_grid, rope_theta)
             self.register_buffer("rope_half_cos", cos, persistent=False)
             self.register_buffer("rope_half_sin", sin, persistent=False)
 
@@ -204,11 +175,6 @@ class SiTDown(nn.Module):
         """(h, w) token grid after block `depth` (1-indexed): the half grid in the middle stage."""
         return self.half_grid if self.stage_of(depth) == "middle" else self.grid
 
-    def align_width(self, depth: int) -> int:
-        """Width of the hidden state after block `depth` (1-indexed): hidden_size at every stage."""
-        check_align_depth(depth, self.depth)
-        return self.hidden_size
-
     def forward(
         self,
         x: torch.Tensor,
@@ -218,18 +184,11 @@ class SiTDown(nn.Module):
         align_depth: int | None = None,
         attn_layers: Sequence[int] = (),
     ) -> ModelOutput:
-        check_input(x, self.in_channels, self.input_size)
-        align_depth = check_align_depth(align_depth, self.depth)
-        layers = check_attn_layers(attn_layers, self.depth, self.supports_attention)
+        h, c, align_depth, layers = self._embed(x, t, y, align_depth, attn_layers)
         wanted = set(layers)
         n_enc, n_mid, _ = self.stage_depths
         rope_full = (self.rope_cos, self.rope_sin) if self.use_rope else None
         rope_half = (self.rope_half_cos, self.rope_half_sin) if self.use_rope else None
-
-        h = self.x_embedder(x).flatten(2).transpose(1, 2)  # [B, N, C]
-        if self.pos_embed is not None:
-            h = h + self.pos_embed.to(h.dtype)
-        c = add_label(self.t_embedder(t), self.y_embedder, y)  # [B, C]
 
         hidden = None
         logits: dict[int, torch.Tensor] = {}
@@ -250,6 +209,4 @@ class SiTDown(nn.Module):
                 logits[i] = block_logits
             if align_depth == i + 1:
                 hidden = h
-        out = self.final_layer(h, c)  # [B, N, p*p*C]
-        velocity = unpatchify(out, self.patch_size, self.out_channels, self.grid)
-        return ModelOutput(velocity, hidden, tuple(logits[i] for i in layers))
+        return self._output(h, c, hidden, logits, layers)
