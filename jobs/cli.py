@@ -128,10 +128,14 @@ def ingest(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, fo
 
 
 @app.command()
-def encode(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
+def latents(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
-    """Image shards -> VAE latent moments store (Zarr)."""
+    """Image shards -> VAE latent moments store (Zarr): stage `latents` (also `repa encode`)."""
     _run(config, overrides, [_stage("latents", force, wait)])
+
+
+app.command(name="encode", help="The `latents` stage under its first name: image shards -> VAE latent moments store.")(
+    latents)
 
 
 @app.command()
@@ -144,7 +148,7 @@ def teacher(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, f
 @app.command()
 def features(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
-    """ingest, encode and teacher."""
+    """ingest, latents (encode) and teacher."""
     _run(config, overrides, _chain(FEATURES, force, wait))
 
 
