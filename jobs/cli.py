@@ -99,7 +99,6 @@ def _evaluate(force: bool, wait: bool) -> list[Callable]:
         from jobs.layout import REFERENCE_IMAGES, holdout_config
 
         if cfg.eval.reference in REFERENCE_IMAGES:
-
             _stage("ingest", False, wait)(holdout_config(cfg))
 
     return [reference, _stage("evaluate", force, wait)]

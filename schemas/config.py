@@ -31,15 +31,10 @@ def _one_of(value: str, names, what: str) -> str:
 
 
 class DataConfig(Section):
-    @property
-    def shuffled(self) -> bool:
-        """Whether offset/limit apply to a seeded permutation of the source (data.order resolved)."""
-        return self.order == "shuffled" or (self.order == "auto" and self.source == "imagefolder")
-
     source: Literal["imagefolder", "webdataset", "fashion-mnist", "synthetic"] = "fashion-mnist"
     path: str = "data/fashion-mnist"  # folder or archive[/inner folder], tar glob, IDX folder; unused for synthetic
     resolution: int = Field(256, ge=8, le=4096)  # ADM center crop to this square size
-    limit: int = Field(0, ge=0)  # use only the first N images after `offset` (0 = all)
+    limit: int = Field(0, ge=0)  # use only the first N images after `offset`, in data.order (0 = all)
     offset: int = Field(0, ge=0)  # skip this many images first (a held-out split starts here)
     # the order offset/limit apply to: "shuffled" = a permutation seeded by order_seed; "source" = as
     # listed; "auto" = shuffled for imagefolder (listed class by class), the source's order otherwise
@@ -51,6 +46,11 @@ class DataConfig(Section):
     synthetic_count: int = Field(512, ge=1)  # number of images of the synthetic source
     synthetic_classes: int = Field(10, ge=1)
     seed: int = 0  # seed of the synthetic source
+
+    @property
+    def shuffled(self) -> bool:
+        """Whether offset/limit apply to a seeded permutation of the source (data.order resolved)."""
+        return self.order == "shuffled" or (self.order == "auto" and self.source == "imagefolder")
 
 
 # ----------------------------------------------------------------------------------------------
