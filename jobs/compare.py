@@ -181,11 +181,7 @@ def collect(cfg: ExperimentConfig, floor: dict | None = None) -> dict:
                 {"step": ecfg.sample.checkpoint, "images": ecfg.sample.checkpoint * batch, "fid": m["fid"],
                  "kid": m.get("kid"), "kid_std": m.get("kid_std"), "precision": m.get("precision"),
                  "recall": m.get("recall")})
-        seconds = []
-        for tcfg in train_cfgs:
-            manifest = layout.SPECS["train"].directory(tcfg) / "manifest.json"
-            seconds.append(json.loads(manifest.read_text()).get("stats", {}).get("seconds") if manifest.is_file() else None)
-        known = [s for s in seconds if s]
+        known = [t for t in (_seconds(layout.SPECS["train"].directory(c)) for c in train_cfgs) if t]
         rows[method] = {"runs": [str(layout.SPECS["train"].directory(t)) for t in train_cfgs],
                         "seeds": list(per_seed), "per_seed": per_seed, "points": aggregate(list(per_seed.values())),
                         "train_seconds": sum(known) / len(known) if known else None}
