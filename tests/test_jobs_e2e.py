@@ -524,7 +524,8 @@ def test_compare_trains_each_method_once_and_tables_every_checkpoint(tmp_path):
     assert set(result["methods"]) == {"none", "urepa"}
     assert result["methods"]["none"]["seeds"] == [0, 1] and result["methods"]["urepa"]["seeds"] == [0]
     secs = result["seconds"]  # every stage's wall time, summed from the manifests
-    assert all(secs[k] > 0 for k in ("ingest", "latents", "teacher", "train", "sample", "evaluate"))
+    assert all(secs[k] >= 0 for k in ("ingest", "latents"))  # tiny stages round to 0.0 s
+    assert all(secs[k] > 0 for k in ("teacher", "train", "sample", "evaluate"))
     assert secs["total"] == pytest.approx(sum(v for k, v in secs.items() if k != "total"), abs=0.5)
     assert "Time (stage manifests): features" in out
     for row in result["methods"].values():
