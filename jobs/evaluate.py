@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs import layout
-from jobs.run import begin, device_or_exit, job, say, shard_paths
+from jobs.run import device_or_exit, say, shard_paths, stage
 from jobs.stage import UsageError, canonical_json
 from pipeline.metrics import frechet_distance
 from pipeline.metrics.features import ShardImages, inception_features
@@ -32,7 +32,7 @@ from pipeline.metrics.reference import load_reference
 from pipeline.metrics.scores import inception_score, precision_recall
 from pipeline.stores.atomic import atomic_write_json, atomic_write_npz
 from pipeline.stores.npz import open_npz_array
-from pipeline.stores.shards import ShardIndex
+from pipeline.stores.tar_shards import ShardIndex
 from schemas.config import ExperimentConfig
 from schemas.manifest import Manifest, OutputEntry
 
@@ -150,44 +150,43 @@ def _reference_fingerprint(cfg: ExperimentConfig) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-@job("evaluate")
-def evaluate(cfg: ExperimentConfig, force: bool = False) -> None:
-    run = begin("evaluate", cfg, force)
-    if run is None:
-        return
-    e = cfg.eval
-    device = device_or_exit("eval.device", e.device)
-    try:
-        net = load_inception(e.inception, device)
-    except FileNotFoundError as exc:
-        raise UsageError(f"eval.inception: {exc}") from None
-    samples_path = run.upstream["sample"].path / "samples.npz"
-    try:
-        images = open_npz_array(samples_path, "arr_0")  # memory-mapped: read batch by batch
-    except (KeyError, ValueError, OSError) as exc:
-        raise UsageError(f"{samples_path}: {exc}") from None
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise UsageError(f"{samples_path}: arr_0 must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
+def evaluate(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> None:
+    with stage("evaluate", cfg, force, wait) as run:
+        if run is None:
+            return
+        e = cfg.eval
+        device = device_or_exit("eval.device", e.device)
+        try:
+            net = load_inception(e.inception, device)
+        except FileNotFoundError as exc:
+            raise UsageError(f"eval.inception: {exc}") from None
+        samples_path = run.upstream["sample"].path / "samples.npz"
+        try:
+            images = open_npz_array(samples_path, "arr_0")  # memory-mapped: read batch by batch
+        except (KeyError, ValueError, OSError) as exc:
+            raise UsageError(f"{samples_path}: {exc}") from None
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise UsageError(f"{samples_path}: arr_0 must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
 
-    ref, ref_pool, ref_desc = reference_statistics(cfg, run, net, device)
-    feats = _features(net, images, e.batch_size, device, "samples")
-    metrics: dict[str, float | int | str | None] = {
-        "fid": frechet_distance(feats["mu"], feats["sigma"], ref["mu"], ref["sigma"]),
-        "sfid": frechet_distance(feats["mu_s"], feats["sigma_s"], ref["mu_s"], ref["sigma_s"]),
-    }
-    if feats["logits"] is not None:
-        metrics["is"], metrics["is_std"] = inception_score(feats["logits"], e.splits)
-    if ref_pool is not None:
-        metrics["precision"], metrics["recall"] = precision_recall(ref_pool, feats["pool"], k=e.k)
-        metrics["kid"], metrics["kid_std"] = kernel_inception_distance(ref_pool, feats["pool"])
-    else:
-        metrics["precision"] = metrics["recall"] = metrics["kid"] = metrics["kid_std"] = None
-        say("evaluate", "precision/recall and KID need reference images; the reference file has none (null)")
-    metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in metrics.items()}
-    metrics.update({"num_samples": int(len(images)), "reference": ref_desc, "inception": e.inception})
-    atomic_write_json(run.path / "metrics.json", metrics)
-    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("fid", "kid", "sfid", "is", "precision", "recall")
-                      if isinstance(metrics.get(k), float))
-    say("evaluate", f"{shown}  ({len(images)} samples)")
-    run.finish([OutputEntry(name="metrics.json", kind="file", bytes=(run.path / "metrics.json").stat().st_size)],
-               {"samples": int(len(images))}, extra={"metrics": metrics})
+        ref, ref_pool, ref_desc = reference_statistics(cfg, run, net, device)
+        feats = _features(net, images, e.batch_size, device, "samples")
+        metrics: dict[str, float | int | str | None] = {
+            "fid": frechet_distance(feats["mu"], feats["sigma"], ref["mu"], ref["sigma"]),
+            "sfid": frechet_distance(feats["mu_s"], feats["sigma_s"], ref["mu_s"], ref["sigma_s"]),
+        }
+        if feats["logits"] is not None:
+            metrics["is"], metrics["is_std"] = inception_score(feats["logits"], e.splits)
+        if ref_pool is not None:
+            metrics["precision"], metrics["recall"] = precision_recall(ref_pool, feats["pool"], k=e.k)
+            metrics["kid"], metrics["kid_std"] = kernel_inception_distance(ref_pool, feats["pool"])
+        else:
+            metrics["precision"] = metrics["recall"] = metrics["kid"] = metrics["kid_std"] = None
+            say("evaluate", "precision/recall and KID need reference images; the reference file has none (null)")
+        metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in metrics.items()}
+        metrics.update({"num_samples": int(len(images)), "reference": ref_desc, "inception": e.inception})
+        atomic_write_json(run.path / "metrics.json", metrics)
+        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("fid", "kid", "sfid", "is", "precision", "recall")
+                          if isinstance(metrics.get(k), float))
+        say("evaluate", f"{shown}  ({len(images)} samples)")
+        run.finish([OutputEntry(name="metrics.json", kind="file", bytes=(run.path / "metrics.json").stat().st_size)],
+                   {"samples": int(len(images))}, extra={"metrics": metrics})

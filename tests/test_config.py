@@ -81,7 +81,7 @@ def test_missing_config_file_exits_2(tmp_path):
 @pytest.mark.parametrize("recipe", ["repa", "urepa", "haste"])
 def test_paper_recipes_pass_the_checks_before_compute(recipe):
     """The ImageNet-256 recipes fit SD-VAE latents [8, 32, 32] and DINOv2-B/14's geometry at 224px."""
-    from jobs.plan import check_plan, model_kwargs
+    from jobs.checks import check_manifests, model_kwargs
 
     cfg = load_config(ROOT / "configs" / f"imagenet256-{recipe}.toml")
     latents = {"latent_shape": [8, 32, 32], "num_classes": 1000}
@@ -89,12 +89,12 @@ def test_paper_recipes_pass_the_checks_before_compute(recipe):
                "hidden_layer": cfg.teacher.hidden_layer}
     kwargs = model_kwargs(cfg, latents)
     assert kwargs["input_size"] == 32 and kwargs["in_channels"] == 4
-    check_plan(cfg, latents, teacher, kwargs)  # raises UsageError on a mismatch
+    check_manifests(cfg, latents, teacher, kwargs)  # raises UsageError on a mismatch
     with pytest.raises(UsageError, match="model.num_classes"):
-        check_plan(cfg, {**latents, "num_classes": 1001}, teacher, kwargs)
+        check_manifests(cfg, {**latents, "num_classes": 1001}, teacher, kwargs)
     if recipe == "haste":
         with pytest.raises(UsageError, match="teacher.cache"):
-            check_plan(cfg, latents, {**teacher, "cache": "tokens"}, kwargs)
+            check_manifests(cfg, latents, {**teacher, "cache": "tokens"}, kwargs)
 
 
 def test_stage_jobs_are_siblings():
@@ -102,7 +102,7 @@ def test_stage_jobs_are_siblings():
     # library, never another stage: shared helpers live in the framework or in pipeline/.
     import ast
 
-    framework = {"jobs", "jobs.stage", "jobs.run", "jobs.layout", "jobs.lock", "jobs.plan"}
+    framework = {"jobs", "jobs.stage", "jobs.run", "jobs.layout", "jobs.lock", "jobs.checks"}
     stages = {"ingest", "encode", "teacher", "train", "sample", "evaluate", "compare", "report"}
     for name in stages:
         tree = ast.parse((ROOT / "jobs" / f"{name}.py").read_text())

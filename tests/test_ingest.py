@@ -18,7 +18,7 @@ from jobs.ingest import ingest
 from jobs.layout import states
 from pipeline.datasets.center_crop import adm_center_crop
 from pipeline.datasets.sources import FashionMnistSource, ImageFolderSource, fit_small
-from pipeline.stores.shards import iter_shard
+from pipeline.stores.tar_shards import iter_shard
 from schemas.loading import load_config
 from tests.conftest import ROOT, repa
 

@@ -6,6 +6,7 @@ flow-matching objective, and in-memory numpy arrays as the latents and teacher s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -21,10 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.align.base import FlowMatching
-from pipeline.launch import WorkerContext, current_context, launch, set_context
+from pipeline.launch import WorkerContext, current_context, launcher, set_context
 from pipeline.models.output import ModelOutput
 from pipeline.teachers.targets import TeacherTargets
-from pipeline.train import EMA, TrainDataset, training_loop
+from pipeline.train import EMA, LoopSettings, TrainDataset, training_loop
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import ThreadLoader
 
@@ -85,24 +86,19 @@ def dataset(n: int = N, std: float = 0.1, **kw) -> TrainDataset:
     return TrainDataset(ArrayReader(moments), labels, **kw)
 
 
-def loop_args(run_dir, **over) -> dict:
-    args = dict(
-        run_dir=run_dir, build_model=TinyNet, build_objective=lambda m: FlowMatching(), dataset=dataset(),
-        steps=6, batch_size=8, lr=3e-3, grad_clip=1.0, ema_decay=0.9, precision="fp32",
-        checkpoint_every=3, keep_checkpoints=2, log_every=1, seed=0, device="cpu", progress=False,
-    )
-    args.update(over)
-    return args
+def loop_args(run_dir, worker: WorkerContext | None = None, **over) -> dict:
+    """training_loop's arguments: the LoopSettings fields among `over` go into `settings`."""
+    numbers = dict(steps=6, batch_size=8, lr=3e-3, grad_clip=1.0, ema_decay=0.9, precision="fp32",
+                   checkpoint_every=3, keep_checkpoints=2, log_every=1, seed=0)
+    args = dict(run_dir=run_dir, build_model=TinyNet, build_objective=lambda m: FlowMatching(), dataset=dataset(),
+                worker=worker or WorkerContext(device=torch.device("cpu")), progress=False)
+    for key, value in over.items():
+        (numbers if key in LoopSettings.__dataclass_fields__ else args)[key] = value
+    return {"settings": LoopSettings(**numbers), **args}
 
 
 def rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def from_context(ctx: WorkerContext) -> dict:
-    """The loop's arguments a launcher's worker context supplies (the loop itself reads no context)."""
-    return dict(rank=ctx.rank, world_size=ctx.world_size, device=ctx.device or "cpu", report_fn=ctx.report_fn,
-                restore_dir=ctx.restore_dir)
 
 
 def train_fn(config: dict) -> dict:
@@ -110,7 +106,7 @@ def train_fn(config: dict) -> dict:
     ctx = current_context()
     assert torch.distributed.is_initialized() == (ctx.world_size > 1) or ctx.launcher == "ray"
     return training_loop(**loop_args(config["run_dir"], steps=config["steps"], checkpoint_every=config["steps"],
-                                     grad_accum=config.get("grad_accum", 1), **from_context(ctx)))
+                                     grad_accum=config.get("grad_accum", 1), worker=ctx))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,8 +383,9 @@ def test_resume_from_a_launcher_restored_checkpoint(tmp_path):
     restored.mkdir()
     shutil.copy(tmp_path / "first" / "checkpoints" / "step-000000003.pt", restored)
     reports = []
-    training_loop(**loop_args(tmp_path / "second", restore_dir=str(restored),
-                              report_fn=lambda m, p: reports.append((m["step"], p))))
+    worker = WorkerContext(device=torch.device("cpu"), restore_dir=str(restored),
+                           report_fn=lambda m, p: reports.append((m["step"], p)))
+    training_loop(**loop_args(tmp_path / "second", worker=worker))
     assert [r["step"] for r in rows(tmp_path / "second")] == [4, 5, 6]
     assert reports == [(6, str(tmp_path / "second" / "checkpoints" / "step-000000006.pt"))]
     a, b = load_file(full / "model.safetensors"), load_file(tmp_path / "second" / "model.safetensors")
@@ -396,7 +393,7 @@ def test_resume_from_a_launcher_restored_checkpoint(tmp_path):
 
 
 def test_the_loop_reads_no_global_worker_context(tmp_path):
-    """Rank, world size, device, report_fn and restore_dir are arguments only: an installed context
+    """Rank, world size, device, report_fn and restore_dir come from the `worker` argument only: an installed context
     (here one that would resume from a restored checkpoint and report) changes nothing."""
     training_loop(**loop_args(tmp_path / "first", steps=3))
     reports = []
@@ -419,7 +416,7 @@ def test_rank_and_world_size_must_match_the_process_group(tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         with pytest.raises(RuntimeError, match=r"training_loop\(rank=1, world_size=2\) but torch.distributed runs 1"):
-            training_loop(**loop_args(tmp_path, rank=1, world_size=2))
+            training_loop(**loop_args(tmp_path, worker=WorkerContext(rank=1, world_size=2, device=torch.device("cpu"))))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -481,7 +478,7 @@ def test_no_teacher_data_after_switch_off(tmp_path):
     def run(steps):
         ds, obj = dataset(teacher=TokenReader(tokens)), TeacherUntil(tau=2)
         training_loop(**loop_args(tmp_path, steps=steps, dataset=ds, build_objective=lambda m: obj,
-                                  teacher_source=lambda arrays, step: TeacherTargets(tokens=arrays["tokens"].float())))
+                                  teacher_source=lambda arrays: TeacherTargets(tokens=arrays["tokens"].float())))
         return ds, obj
 
     ds, obj = run(5)
@@ -553,7 +550,7 @@ def test_no_teacher_bytes_are_read_after_switch_off_with_loader_workers(tmp_path
     trigger = None if switch == "tau" else StopTrigger((2, end), stop=end if switch == "trigger" else None)
     training_loop(**loop_args(tmp_path / "run", steps=steps, checkpoint_every=steps, loader_workers=workers,
                               prefetch=prefetch, dataset=dataset(teacher=RecordingReader(tokens, log)), build_objective=lambda m: obj,
-                              teacher_source=lambda arrays, step: TeacherTargets(tokens=arrays["tokens"].float()),
+                              teacher_source=lambda arrays: TeacherTargets(tokens=arrays["tokens"].float()),
                               trigger=trigger))
 
     reference = dataset().layout(8)
@@ -601,7 +598,7 @@ def test_trigger_probes_a_fixed_batch_after_start_updates(tmp_path):
     # probes with the same batch. The probe is the first micro batch of step 0, recomputed here from
     # the data's definition.
     tokens = np.random.default_rng(0).normal(size=(N, 4, 8)).astype(np.float16)
-    source = lambda arrays, step: TeacherTargets(tokens=arrays["tokens"].float())  # noqa: E731
+    source = lambda arrays: TeacherTargets(tokens=arrays["tokens"].float())  # noqa: E731
     reference = dataset(teacher=TokenReader(tokens)).layout(8).item(0)
     probe = {k: v[:4] for k, v in reference.items() if k != "teacher"}
 
@@ -643,23 +640,23 @@ def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
 
 def test_launch_errors_and_torchrun_from_env(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="train.launcher='slurm' is unknown"):
-        launch("slurm", train_fn, {})
+        launcher("slurm")(train_fn, {})
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ValueError, match="torchrun --nproc-per-node"):
-        launch("torchrun", train_fn, {})
+        launcher("torchrun")(train_fn, {})
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    out = launch("torchrun", train_fn, {"run_dir": str(tmp_path), "steps": 2}, use_gpu=False)
+    out = launcher("torchrun")(train_fn, {"run_dir": str(tmp_path), "steps": 2}, use_gpu=False)
     assert out["step"] == 2 and (tmp_path / "ema.safetensors").is_file()
-    assert current_context() == WorkerContext()  # cleared after the run
+    assert current_context() == WorkerContext(device=torch.device("cpu"))  # cleared after the run: the default again
 
 
 @pytest.mark.slow
 def test_two_local_workers_equal_one(tmp_path):
-    one = launch("local", train_fn, {"run_dir": str(tmp_path / "one"), "steps": 3}, num_workers=1, use_gpu=False)
-    two = launch("local", train_fn, {"run_dir": str(tmp_path / "two"), "steps": 3}, num_workers=2, use_gpu=False)
+    one = launcher("local")(train_fn, {"run_dir": str(tmp_path / "one"), "steps": 3}, num_workers=1, use_gpu=False)
+    two = launcher("local")(train_fn, {"run_dir": str(tmp_path / "two"), "steps": 3}, num_workers=2, use_gpu=False)
     assert one["step"] == two["step"] == 3
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
@@ -674,7 +671,7 @@ def fail_on_rank_one(config: dict) -> str:
 @pytest.mark.slow
 def test_local_launcher_raises_the_error_of_a_failed_rank():
     with pytest.raises(Exception, match="rank one broke"):
-        launch("local", fail_on_rank_one, {}, num_workers=2, use_gpu=False)
+        launcher("local")(fail_on_rank_one, {}, num_workers=2, use_gpu=False)
     assert current_context() == WorkerContext()
 
 
@@ -695,8 +692,8 @@ def local_ray():
 
 @pytest.mark.slow
 def test_two_ray_workers_equal_one(tmp_path, local_ray):
-    launch("local", train_fn, {"run_dir": str(tmp_path / "one"), "steps": 3}, num_workers=1, use_gpu=False)
-    metrics = launch("ray", train_fn, {"run_dir": str(tmp_path / "two"), "steps": 3}, num_workers=2,
+    launcher("local")(train_fn, {"run_dir": str(tmp_path / "one"), "steps": 3}, num_workers=1, use_gpu=False)
+    metrics = launcher("ray")(train_fn, {"run_dir": str(tmp_path / "two"), "steps": 3}, num_workers=2,
                      use_gpu=False, storage_path=str(tmp_path / "ray"), name="equal")
     assert metrics["step"] == 3
     assert_same_weights(tmp_path / "one", tmp_path / "two")
@@ -724,13 +721,13 @@ def crash_once_fn(config: dict) -> dict:
             raise RuntimeError(f"rank {ctx.rank} fails on purpose after step {step}")
 
     return training_loop(**loop_args(config["run_dir"], steps=config["steps"], checkpoint_every=2,
-                                     **{**from_context(ctx), "report_fn": report}))
+                                     worker=dataclasses.replace(ctx, report_fn=report)))
 
 
 @pytest.mark.slow
 def test_ray_restarts_a_failed_worker_group_from_its_reported_checkpoint(tmp_path, local_ray):
-    launch("local", train_fn, {"run_dir": str(tmp_path / "one" / "run"), "steps": 6}, num_workers=1, use_gpu=False)
-    metrics = launch("ray", crash_once_fn, {"run_dir": str(tmp_path / "two" / "run"), "steps": 6, "crash_at": 4},
+    launcher("local")(train_fn, {"run_dir": str(tmp_path / "one" / "run"), "steps": 6}, num_workers=1, use_gpu=False)
+    metrics = launcher("ray")(crash_once_fn, {"run_dir": str(tmp_path / "two" / "run"), "steps": 6, "crash_at": 4},
                      num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"), name="restart",
                      max_failures=1)
     assert metrics["step"] == 6
@@ -776,7 +773,7 @@ def test_each_objective_lowers_its_loss_with_a_real_backbone(tmp_path, align, mo
     data = TrainDataset(ArrayReader(moments), labels, num_classes=NUM_CLASSES, seed=0, scale=1.0,
                         teacher=None if align == "none" else AttnReader(tokens, logits))
 
-    def source(arrays, step):
+    def source(arrays):
         attn = arrays.get("attn")
         return TeacherTargets(tokens=arrays["tokens"].float(), grid=grid,
                               attn_logits=tuple(attn[:, i] for i in range(attn.shape[1])) if align == "haste" else ())

@@ -9,10 +9,10 @@ batch:   dict with x0 [B,C,H,W] (clean latent), eps [B,C,H,W] (noise), t [B] (ti
 teacher: pipeline.teachers.targets.TeacherTargets for this batch, or None when needs_teacher(step)
          is False.
 
-Every objective runs one pipeline (`Objective.terms`): x_t = alpha_t x0 + sigma_t eps and the
-velocity target from the interpolant, ONE model call (asking for the hidden tokens of `align_depth`
-and the attention logits of `attn_layers` only while aligning), the flow-matching loss, then the
-subclass's hook `alignment_terms(out, teacher)` for the weighted extra terms. forward returns the
+Every objective runs one pipeline (`Objective.forward`): x_t = alpha_t x0 + sigma_t eps and the
+velocity target from the interpolant, ONE model call (`predict`: asking for the hidden tokens of
+`align_depth` and the attention logits of `attn_layers` only while aligning), the subclass's hook
+`alignment_terms(out, teacher)` for the weighted extra terms, and the flow-matching loss. forward returns the
 total loss (0-d float32) and detached 0-d logs ("loss", "fm", and the alignment terms that were
 computed). Nothing in forward synchronises with the host.
 
@@ -103,9 +103,10 @@ class Objective(nn.Module):
 
     # -- the pipeline ---------------------------------------------------------------------------
 
-    def terms(self, model: nn.Module, batch: dict[str, torch.Tensor], teacher: TeacherTargets | None,
-              aligned: bool) -> LossTerms:
-        """fm and, when `aligned`, the alignment terms: noise, one model call, losses."""
+    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor], teacher: TeacherTargets | None,
+                aligned: bool) -> tuple[ModelOutput, torch.Tensor]:
+        """Noise the batch and make the ONE model call: (its output, the velocity target [B, C, H, W]).
+        While `aligned` the model also returns the hidden tokens and attention logits the hook reads."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise ValueError(f"batch lacks keys {missing}; an objective needs {list(BATCH_KEYS)}")
@@ -115,18 +116,22 @@ class Objective(nn.Module):
                              f"t {tuple(t.shape)} (expected eps like x0 and t [B])")
         x_t, target = self.path.interpolate(x0, eps, t), self.path.velocity(x0, eps, t)
         if not aligned:
-            out = model(x_t, t, batch["y"], align_depth=None, attn_layers=())
-            return LossTerms(fm=flow_matching_loss(out.velocity, target))
+            return model(x_t, t, batch["y"], align_depth=None, attn_layers=()), target
         if teacher is None:
             raise ValueError(f"{type(self).__name__} aligns at this step (needs_teacher(step) is True): "
                              "pass its TeacherTargets, not None")
-        out = model(x_t, t, batch["y"], align_depth=self.align_depth, attn_layers=self.attn_layers)
-        align, parts = self.alignment_terms(out, teacher)
-        return LossTerms(fm=flow_matching_loss(out.velocity, target), align=align, parts=parts)
+        return model(x_t, t, batch["y"], align_depth=self.align_depth, attn_layers=self.attn_layers), target
 
     def alignment_terms(self, out: ModelOutput, teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The hook: (weighted sum of the alignment terms 0-d, unweighted terms by log name)."""
         raise NotImplementedError(f"{type(self).__name__} has no alignment terms")
+
+    def terms(self, model: nn.Module, batch: dict[str, torch.Tensor], teacher: TeacherTargets | None,
+              aligned: bool) -> LossTerms:
+        """The undetached pieces (HASTE's trigger takes gradients of them separately)."""
+        out, target = self.predict(model, batch, teacher, aligned)
+        align, parts = self.alignment_terms(out, teacher) if aligned else (None, {})
+        return LossTerms(fm=flow_matching_loss(out.velocity, target), align=align, parts=parts)
 
     def forward(
         self,
@@ -136,10 +141,13 @@ class Objective(nn.Module):
         step: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss 0-d, detached logs). loss = fm (+ the weighted alignment terms)."""
-        parts = self.terms(model, batch, teacher, aligned=self.needs_teacher(step))
-        loss = parts.fm if parts.align is None else parts.fm + parts.align
-        logs = {"loss": loss.detach(), "fm": parts.fm.detach()}
-        logs.update({name: value.detach() for name, value in parts.parts.items()})
+        aligned = self.needs_teacher(step)
+        out, target = self.predict(model, batch, teacher, aligned)
+        align, parts = self.alignment_terms(out, teacher) if aligned else (None, {})
+        fm = flow_matching_loss(out.velocity, target)
+        loss = fm if align is None else fm + align
+        logs = {"loss": loss.detach(), "fm": fm.detach()}
+        logs.update({name: value.detach() for name, value in parts.items()})
         return loss, logs
 
 

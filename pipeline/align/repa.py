@@ -23,7 +23,7 @@ import torch.nn as nn
 from pipeline.align.base import Objective
 from pipeline.align.heads import GridAdapter, build_projector
 from pipeline.align.losses import repa_loss, spatial_normalize
-from pipeline.align.student import FeatureSite, feature_site, teacher_geometry
+from pipeline.align.student import FeatureSite, check_teacher_geometry, feature_site
 from pipeline.models.output import ModelOutput
 from pipeline.teachers.targets import TeacherTargets
 from schemas.config import AlignConfig
@@ -61,7 +61,7 @@ class REPA(Objective):
 
         Any student grid works: it is resized to the teacher grid after the projector.
         """
-        teacher_geometry(cls.__name__.lower(), teacher_dim, teacher_grid)
+        check_teacher_geometry(cls.__name__.lower(), teacher_dim, teacher_grid)
         return feature_site(model, cfg.depth)
 
     def needs_teacher(self, step: int) -> bool:

@@ -180,7 +180,7 @@ def check_attention_layers(
 # ----------------------------------------------------------------------------------------------
 
 
-def teacher_geometry(
+def check_teacher_geometry(
     align: str, teacher_dim: int | None, teacher_grid: tuple[int, int] | None
 ) -> tuple[int, tuple[int, int]]:
     """Check the teacher's token width D and patch grid (gh, gw) that an alignment needs."""

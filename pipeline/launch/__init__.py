@@ -1,14 +1,18 @@
-"""Run one training function on one or many workers, and tell each worker who it is.
+"""The runtime layer: where each worker runs and how workers are started.
 
-    launch("local" | "torchrun" | "ray", train_fn, config, num_workers, use_gpu, **launcher_kwargs)
+    resolve_device(request, worker)        the one device resolver ("auto" | "cpu" | "cuda" | "cuda:N")
+    launcher(name)(train_fn, config, num_workers, use_gpu, **launcher_kwargs)
+                                           SPMD training: train_fn(config) once per worker
+    fan_out(name, task_fn, tasks, num_workers, device, on_result)
+                                           task-parallel work (the store stages' shard ranges)
 
-calls `train_fn(config)` once per worker. Before the call the launcher has initialised
-torch.distributed (when there is more than one worker) and set the worker's `WorkerContext`, which
-the training loop reads for its rank, world size, device and, under Ray, how to report checkpoints
-and where a restored checkpoint lies. `train_fn` and `config` must be picklable (a module-level
-function and a plain dict) for the multi-process and Ray launchers.
+A training launcher ("local", "torchrun", "ray") initialises torch.distributed (when there is more
+than one worker) and sets the worker's `WorkerContext` before calling `train_fn(config)`; the
+training job reads its rank, world size, device and, under Ray, how to report checkpoints and where
+a restored checkpoint lies from it. `train_fn` and `config` must be picklable (a module-level
+function and a plain or pydantic object) for the multi-process and Ray launchers.
 
-Ray is imported only by the "ray" launcher.
+Ray is imported only by the "ray" launcher and the Ray fan-out.
 """
 
 from __future__ import annotations
@@ -62,48 +66,58 @@ def current_context() -> WorkerContext:
             rank=torch.distributed.get_rank(),
             world_size=torch.distributed.get_world_size(),
             local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            device=resolve_device("auto", int(os.environ.get("LOCAL_RANK", 0))),
         )
-    return WorkerContext()
+    return WorkerContext(device=resolve_device("auto"))
+
+
+def resolve_device(request: str | torch.device | None = "auto", worker: int = 0, key: str = "device") -> torch.device:
+    """The one device resolver: "auto" (or None) -> cuda:{worker mod #GPUs} when CUDA is available,
+    else cpu; "cpu"; "cuda" -> cuda:{worker mod #GPUs}; "cuda:N" / a torch.device as given.
+    Asking for CUDA where there is none is a ValueError naming the config `key`."""
+    request = "auto" if request is None else request
+    if isinstance(request, str) and request == "auto":
+        request = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(request)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"{key} = {str(request)!r} but CUDA is not available here; set {key} = 'auto' or 'cpu'")
+    return device if device.index is not None else torch.device("cuda", worker % torch.cuda.device_count())
 
 
 def worker_device(use_gpu: bool | None, local_rank: int) -> torch.device:
-    """cuda:{local_rank} when GPUs are requested (or available, for use_gpu=None), else cpu."""
-    if use_gpu is None:
-        use_gpu = torch.cuda.is_available()
+    """A training worker's device: train.use_gpu (None = when available) as a resolve_device request."""
     if use_gpu and not torch.cuda.is_available():
-        raise ValueError("use_gpu=True but CUDA is not available here: set train.use_gpu = false (or leave it unset)")
-    if not use_gpu:
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+        raise ValueError("train.use_gpu = true but CUDA is not available here: set train.use_gpu = false (or leave "
+                         "it unset)")
+    return resolve_device({None: "auto", True: "cuda", False: "cpu"}[use_gpu], local_rank)
 
 
 # ----------------------------------------------------------------------------------------------
-#                                        Common entry
+#                                         Launchers
 # ----------------------------------------------------------------------------------------------
 
 
-def launch(
-    launcher: str,
-    train_fn: Callable[[dict], Any],
-    config: dict,
-    num_workers: int = 1,
-    use_gpu: bool | None = None,
-    **kw: Any,
-) -> Any:
-    """Run `train_fn(config)` on `num_workers` workers with the named launcher.
+def launcher(name: str) -> Callable[..., Any]:
+    """The training launcher `name`: a function (train_fn, config, num_workers=1, use_gpu=None, **kw).
 
-    Returns rank 0's return value ("local", "torchrun") or the metrics of Ray's last report ("ray").
-    Extra keyword arguments go to the launcher: local (backend, port), torchrun (backend),
-    ray (storage_path, name, max_failures, keep_checkpoints, cpus_per_worker, address).
+    It returns rank 0's return value ("local", "torchrun") or the metrics of Ray's last report
+    ("ray"). Keyword arguments: local (backend, port), torchrun (backend), ray (storage_path, name,
+    max_failures, keep_checkpoints, cpus_per_worker, address).
     """
-    if launcher == "local":
-        from pipeline.launch.local import launch as run
-    elif launcher == "torchrun":
-        from pipeline.launch.torchrun import launch as run
-    elif launcher == "ray":
-        from pipeline.launch.ray import launch as run
+    if name == "local":
+        from pipeline.launch.local import launch
+    elif name == "torchrun":
+        from pipeline.launch.torchrun import launch
+    elif name == "ray":
+        from pipeline.launch.ray import launch
     else:
-        raise ValueError(f"train.launcher={launcher!r} is unknown; expected one of {list(LAUNCHERS)}")
-    if num_workers < 1:
-        raise ValueError(f"train.num_workers must be >= 1, got {num_workers}")
-    return run(train_fn, config, num_workers=num_workers, use_gpu=use_gpu, **kw)
+        raise ValueError(f"train.launcher={name!r} is unknown; expected one of {list(LAUNCHERS)}")
+    return launch
+
+
+from pipeline.launch.tasks import fan_out  # noqa: E402  (uses resolve_device above)
+
+__all__ = ["LAUNCHERS", "WorkerContext", "current_context", "fan_out", "launcher", "resolve_device", "set_context",
+           "worker_device"]

@@ -71,6 +71,8 @@ def launch(
     port: int | None = None,
 ) -> Any:
     """Run `train_fn(config)` on `num_workers` local workers; returns rank 0's (small, picklable) result."""
+    if num_workers < 1:
+        raise ValueError(f"train.num_workers must be >= 1, got {num_workers}")
     if num_workers == 1:
         set_context(WorkerContext(device=worker_device(use_gpu, 0), launcher="local"))
         try:

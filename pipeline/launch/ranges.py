@@ -7,15 +7,13 @@ crash skips the ranges already published.
 
     extractor   a picklable object with `setup(device)` (loads its networks; called once per worker)
                 and `__call__(images uint8 [B,3,H,W] on device) -> {array name: np.ndarray [B, ...]}`.
-    launcher    "local": the calling process (num_workers = 1) or a pool of spawned processes, one
-                device each; "ray": one Ray task per range (Ray imported only then).
+    launcher    pipeline.launch.fan_out's: "local" (this process, or spawned processes one device
+                each) or "ray" (one Ray task per range).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import multiprocessing as mp
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,8 +23,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pipeline.launch.tasks import fan_out
 from pipeline.progress import progress_bar
-from pipeline.stores.shards import ShardIndex
+from pipeline.stores.tar_shards import ShardIndex
 from pipeline.stores.zarr_store import ArraySpec, StoreWriter
 
 
@@ -52,20 +51,6 @@ class StoreJob:
     def writer(self, num_samples: int) -> StoreWriter:
         return StoreWriter(self.store, num_samples, list(self.specs), self.samples_per_shard, self.attrs,
                            compression=self.compression)
-
-
-# ----------------------------------------------------------------------------------------------
-#                                       Device choice
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str, worker: int = 0) -> torch.device:
-    """"auto" -> cuda:{worker mod #GPUs} when CUDA is available, else cpu; "cuda" without CUDA is an error."""
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("device = 'cuda' but CUDA is not available here; set the device to 'auto' or 'cpu'")
-    return torch.device("cuda", worker % torch.cuda.device_count())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,15 +100,21 @@ def compute_ranges(job: StoreJob, index: ShardIndex, extractor: Extractor, devic
             pending.result()
 
 
-def _worker(job: StoreJob, extractor: Extractor, device_name: str, worker: int,
-            ranges: list[tuple[int, int]], threads: int) -> int:
-    """Entry point of one spawned process (or Ray task): computes its ranges, returns the image count."""
-    torch.set_num_threads(threads)
-    device = resolve_device(device_name, worker)
-    index = ShardIndex(list(job.shards))
-    extractor.setup(device)
-    compute_ranges(job, index, extractor, device, ranges)
-    return sum(stop - start for start, stop in ranges)
+@dataclass
+class RangeTask:
+    """fan_out's task function: compute and publish a list of ranges on a device, return the image
+    count. Picklable until it runs; the extractor's networks are loaded by `setup` on first use (in
+    the calling process a stage may pass an extractor already set up)."""
+
+    job: StoreJob
+    extractor: Extractor
+    tick: Callable[[int], None] | None = None  # per-batch progress, in the calling process only
+
+    def __call__(self, ranges: list[tuple[int, int]], device: torch.device, threads: int) -> int:
+        index = ShardIndex(list(self.job.shards))
+        self.extractor.setup(device)
+        compute_ranges(self.job, index, self.extractor, device, ranges, self.tick)
+        return sum(stop - start for start, stop in ranges)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,17 +143,11 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
     resumed = len(writer.ranges()) - len(todo)
     begin = time.perf_counter()
     bar = progress_bar(total=total, unit="img", desc=desc, disable=total == 0)
-    try:
-        if not todo:
-            pass
-        elif launcher == "ray":
-            _run_ray(job, extractor, device, num_workers, todo, bar)
-        elif num_workers == 1 or len(todo) == 1:
-            dev = resolve_device(device)
-            extractor.setup(dev)
-            compute_ranges(job, index, extractor, dev, todo, tick=bar.update)
-        else:
-            _run_processes(job, extractor, device, num_workers, todo, bar)
+    in_process = launcher == "local" and (num_workers == 1 or len(todo) == 1)
+    task = RangeTask(job, extractor, tick=bar.update if in_process else None)
+    try:  # in this process: one task of every range (publication overlaps compute); else one per range
+        fan_out(launcher, task, [todo] if in_process else [[r] for r in todo], num_workers=num_workers,
+                device=device, on_result=None if in_process else bar.update)
     finally:
         bar.close()
     seconds = time.perf_counter() - begin
@@ -176,26 +161,3 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
         "workers": num_workers,
         "launcher": launcher,
     }
-
-
-def _run_processes(job, extractor, device, num_workers, todo, bar) -> None:
-    ctx = mp.get_context("spawn")  # CUDA and threaded torch do not survive fork
-    with cf.ProcessPoolExecutor(min(num_workers, len(todo)), mp_context=ctx) as pool:
-        threads = max(1, (os.cpu_count() or 1) // num_workers)
-        futures = [pool.submit(_worker, job, extractor, device, w, [r], threads) for w, r in enumerate(todo)]
-        for fut in cf.as_completed(futures):
-            bar.update(fut.result())
-
-
-def _run_ray(job, extractor, device, num_workers, todo, bar) -> None:
-    import ray  # only when asked for
-
-    from pipeline.launch.ray import ray_session
-
-    with ray_session(max(num_workers, 1)):
-        gpus = 1 if device != "cpu" and torch.cuda.is_available() else 0
-        task = ray.remote(num_gpus=gpus, num_cpus=1)(_worker)
-        pending = [task.remote(job, extractor, device, 0, [r], 1) for r in todo]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            bar.update(ray.get(ready[0]))

@@ -8,7 +8,7 @@ import torch
 from pipeline import faults
 from pipeline.metrics.frechet import RunningStatistics
 from pipeline.progress import progress_bar
-from pipeline.stores.shards import ShardIndex
+from pipeline.stores.tar_shards import ShardIndex
 
 
 def inception_features(net, images, batch_size: int, device: torch.device, desc: str, *,

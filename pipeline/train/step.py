@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pipeline.teachers.targets import TeacherTargets
 from pipeline.train.ema import EMA
 
-TeacherSource = Callable[[dict | None, int], TeacherTargets | None]  # (arrays on the device, step) -> targets
+if TYPE_CHECKING:
+    from pipeline.teachers.target_sources import TeacherSource
+
 
 
 def learning_rate(step: int, lr: float, warmup_steps: int, cooldown_steps: int = 0, steps: int = 0) -> float:
@@ -91,7 +91,7 @@ def train_step(
     batch: dict[str, Any],  # this worker's batch on the device; teacher {name: [b, ...]} arrays if any
     step: int,  # 0-based index of this update (given to the objective and the teacher source)
     lr: float,  # learning rate of this update
-    teacher_source: TeacherSource | None = None,  # (arrays, step) -> targets; None = no teacher this step
+    teacher_source: TeacherSource | None = None,  # teacher arrays -> targets; None = no teacher this step
     grad_accum: int = 1,  # micro batches per step (the batch splits evenly into them)
     grad_clip: float = 1.0,  # max global gradient norm (0 = no clipping)
     ema_decay: float = 0.9999,  # EMA decay per step
@@ -108,7 +108,7 @@ def train_step(
     loss_sum, logs_sum = torch.zeros((), device=device), {}
     for i, micro in enumerate(split_micro(batch, grad_accum)):
         arrays = micro.pop("teacher", None)
-        teacher = teacher_source(arrays, step) if teacher_source is not None else None
+        teacher = teacher_source(arrays) if teacher_source is not None else None
         last = i == grad_accum - 1
         sync = contextlib.nullcontext() if last or world_size == 1 else net.no_sync()
         amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()

@@ -6,7 +6,7 @@ Conventions (the latents store and training rely on them):
     moments   float32 [B, 2c, h, w] = (posterior mean, posterior std) concatenated on channels, what
               the latents store keeps (std = exp(logvar / 2), logvar clamped to [-30, 20]).
     latent    the SCALED latent z = (mean + std * eps) * scaling_factor that the diffusion model sees
-              (`sample_latent`); `decode` takes z and divides by scaling_factor itself.
+              (drawn by pipeline.train.data); `decode` takes z and divides by scaling_factor itself.
 
 Names:
     sd-vae-ft-ema, sd-vae-ft-mse   stabilityai/sd-vae-ft-{ema,mse}: c = 4, downsample 8, scale 0.18215
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.weights import from_hub, local_file, read_state_dict
 from schemas.names import VAES
 
 HUB_REPOS = {"sd-vae-ft-ema": "stabilityai/sd-vae-ft-ema", "sd-vae-ft-mse": "stabilityai/sd-vae-ft-mse"}
@@ -120,20 +121,6 @@ class Autoencoder(nn.Module):
         z = z.to(next(self.vae.parameters()).dtype)
         return self.vae.decode(z).sample.float().clamp(-1.0, 1.0)
 
-    def sample_latent(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """See `sample_latent`, with this autoencoder's scaling factor."""
-        return sample_latent(moments, self.scaling_factor, generator)
-
-
-def sample_latent(moments: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Posterior sample (mean + std * eps) * scaling_factor for moments [B, 2c, h, w] -> [B, c, h, w].
-
-    eps ~ N(0, 1) drawn with `generator` (on the moments' device) when given.
-    """
-    mean, std = moments.float().chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return (mean + std * eps) * scaling_factor
-
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] [B, 3, H, W] -> uint8 [B, 3, H, W] (inverse of x / 127.5 - 1, rounded)."""
@@ -173,15 +160,9 @@ def _from_hub(name: str) -> nn.Module:
     from diffusers import AutoencoderKL
 
     repo = HUB_REPOS[name]
-    try:
-        return AutoencoderKL.from_pretrained(repo)
-    except Exception as err:  # noqa: BLE001 - network, cache and auth failures all need the same fix
-        raise FileNotFoundError(
-            f"could not fetch the {name} VAE from the Hugging Face hub repository {repo} "
-            f"({type(err).__name__}: {err}). Connect to the network once (diffusers caches the download), "
-            f"or set vae.weights to a local directory holding config.json and "
-            f"diffusion_pytorch_model.safetensors from huggingface.co/{repo}"
-        ) from err
+    return from_hub(lambda: AutoencoderKL.from_pretrained(repo), f"the {name} VAE (repository {repo})",
+                    f"set vae.weights to a local directory holding config.json and "
+                    f"diffusion_pytorch_model.safetensors from huggingface.co/{repo}")
 
 
 def _from_local(name: str, path: Path, config: dict) -> nn.Module:
@@ -195,14 +176,12 @@ def _from_local(name: str, path: Path, config: dict) -> nn.Module:
                 f"download of huggingface.co/{HUB_REPOS.get(name, 'stabilityai/sd-vae-ft-ema')}"
             )
         return AutoencoderKL.from_pretrained(str(path), local_files_only=True)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"VAE weights {str(path)!r} not found. vae.weights must be 'hub', 'random', a directory from "
-            f"AutoencoderKL.save_pretrained (config.json + diffusion_pytorch_model.safetensors, e.g. from "
-            f"huggingface.co/{HUB_REPOS.get(name, 'stabilityai/sd-vae-ft-ema')}) or a state-dict file"
-        )
+    path = local_file(str(path), "VAE weights",
+                      f"vae.weights must be 'hub', 'random', a directory from AutoencoderKL.save_pretrained "
+                      f"(config.json + diffusion_pytorch_model.safetensors, e.g. from "
+                      f"huggingface.co/{HUB_REPOS.get(name, 'stabilityai/sd-vae-ft-ema')}) or a state-dict file")
     vae = AutoencoderKL(**config)
-    state = _read_state_dict(path)
+    state = read_state_dict(path, "VAE weights file")
     if not any(k.startswith("encoder.down_blocks.") for k in state):
         state = _convert_ldm(state, vae, path)
     try:
@@ -210,19 +189,6 @@ def _from_local(name: str, path: Path, config: dict) -> nn.Module:
     except RuntimeError as err:
         raise ValueError(f"VAE weights {str(path)!r} do not match the {name} architecture: {err}") from err
     return vae
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"VAE weights file {str(path)!r} does not hold a state dict (got {type(state).__name__})")
-    return state
 
 
 def _convert_ldm(state: dict[str, torch.Tensor], vae: nn.Module, path: Path) -> dict[str, torch.Tensor]:

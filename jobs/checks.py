@@ -2,8 +2,9 @@
 
     check_config(cfg)                 from the config alone: the latent and teacher geometry that the
                                       stages WILL produce (schemas/names.py, no weights loaded);
-    check_plan(cfg, latents, teacher) the same rules against the manifests the stages DID write
-                                      (`repa train`).
+    check_manifests(cfg, latents, teacher, kwargs)
+                                      the same rules against the manifests the stages DID write
+                                      (`repa train`, which runs only this one).
 
 The rules: a known model that takes the latents (square, channels), enough classes, and an objective
 that fits the model and the teacher (pipeline.align: depth, grids, heads, layers), with the teacher
@@ -35,7 +36,7 @@ def model_kwargs(cfg: ExperimentConfig, latents_extra: dict[str, Any]) -> dict[s
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def check_plan(cfg: ExperimentConfig, latents: dict[str, Any], teacher: dict[str, Any] | None,
+def check_manifests(cfg: ExperimentConfig, latents: dict[str, Any], teacher: dict[str, Any] | None,
                kwargs: dict[str, Any]) -> None:
     """Every compatibility check that needs no data: raises UsageError naming the key to change."""
     from pipeline.align.registry import check_compatible, objective_class
@@ -89,4 +90,4 @@ def predicted_geometry(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str,
 def check_config(cfg: ExperimentConfig) -> None:
     """Every check that needs neither data nor weights; raises UsageError naming the key to change."""
     latents, teacher = predicted_geometry(cfg)
-    check_plan(cfg, latents, teacher, model_kwargs(cfg, latents))
+    check_manifests(cfg, latents, teacher, model_kwargs(cfg, latents))
