@@ -36,7 +36,7 @@ class TeacherInfo(BaseModel):
     heads: int  # attention heads per block
     depth: int  # blocks
     cache: Literal["tokens", "hidden", "online"]  # what the store holds
-    dtype: Literal["float16", "int8"] = "float16"  # how it holds the tokens
+    dtype: Literal["fp16", "int8"] = "fp16"  # how it holds the tokens
     hidden_layer: int | None = None  # block whose input `hidden` is (cache = hidden)
 
 
