@@ -82,16 +82,19 @@ def _reference(cfg, wait: bool) -> None:
 
 
 def _features(cfg, force: bool, wait: bool) -> None:
-    """ingest, latents, teacher in order. Only the first obeys `wait`: a command that got past its
-    first stage waits at a later one that another process is writing (then finds it up to date),
-    instead of dying midway behind a process that overtook it."""
+    """ingest, latents, teacher (and text, when the images have captions) in order. Only the first
+    obeys `wait`: a command that got past its first stage waits at a later one that another process
+    is writing (then finds it up to date), instead of dying midway behind a process that overtook it."""
     from jobs.encode import encode
     from jobs.ingest import ingest
     from jobs.teacher import teacher
+    from jobs.text import text
 
     ingest(cfg, force, wait)
     encode(cfg, force, True)
     teacher(cfg, force, True)
+    if cfg.data.captions != "none":
+        text(cfg, force, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,9 +137,21 @@ def teacher(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, f
 
 
 @app.command()
+def text(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
+         wait: WaitOpt = False) -> None:
+    """Captions -> text-encoder states store (Zarr), for text-to-image (needs data.captions)."""
+    from jobs.text import text as text_stage
+
+    with _command(config, overrides) as cfg:
+        if cfg.data.captions == "none":
+            raise UsageError("repa text needs captions: set data.captions = 'coco' or 'templates'")
+        text_stage(cfg, force, wait)
+
+
+@app.command()
 def features(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
         wait: WaitOpt = False) -> None:
-    """ingest, latents (encode) and teacher."""
+    """ingest, latents (encode), teacher, and text when the images have captions."""
     with _command(config, overrides, check=True) as cfg:
         _features(cfg, force, wait)
 

@@ -4,7 +4,8 @@ Recipe:
   list the source (cheap) -> cut the selected items into shards of `data.shard_size` ->
   write the missing shards in parallel processes, each published atomically with a sidecar
   (count, sha256, skipped files) stamped with this run's fingerprint -> remove leftovers of older
-  configs -> index.tsv and the manifest last.
+  configs -> index.tsv (and captions.json, when data.captions is set: every caption of every kept
+  image) -> the manifest last.
 
 A killed ingest resumes: a shard whose tar and sidecar both carry the current fingerprint is kept.
 """
@@ -29,10 +30,12 @@ from pipeline.datasets.sources import SourceError, SourceItem, fit_small, open_s
 from pipeline.progress import progress_bar
 from pipeline.stores.atomic import atomic_write_json, atomic_write_text
 from pipeline.stores.tar_shards import write_shard
+from pipeline.text.captions import CaptionError, image_captions
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry
 
 SHARD_PATTERN = "shard-{:06d}.tar"
+CAPTIONS = "captions.json"  # {key: [caption, ...]} when data.captions is set
 
 
 class ImageFailure(RuntimeError):
@@ -164,7 +167,8 @@ def ingest(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
         try:
             items = select(source.items(), d.offset, d.limit, d.order_seed if d.shuffled else None)
             num_classes = source_num_classes(source)
-        except SourceError as exc:
+            captions = image_captions(d, source, items) if d.captions != "none" else {}
+        except (SourceError, CaptionError) as exc:
             raise UsageError(str(exc)) from None
 
         out = run.path
@@ -216,6 +220,9 @@ def ingest(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
             f"{k}\t{lab}\t{o}" for r in ordered for k, lab, o in zip(r["keys"], r["labels"], r["origins"], strict=True)
         ]
         atomic_write_text(out / "index.tsv", "\n".join(lines) + "\n")
+        if d.captions != "none":  # every caption of every kept image, in key order
+            kept = [k for r in ordered for k in r["keys"]]
+            atomic_write_json(out / CAPTIONS, {k: captions[k] for k in kept})
         skipped = [s for r in ordered for s in r["skipped"]]
         count = sum(r["count"] for r in ordered)
         if count == 0:
@@ -224,6 +231,8 @@ def ingest(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
             say("ingest", f"skipped {len(skipped)} unreadable file(s); see skipped in {out / 'manifest.json'}")
         outputs = [OutputEntry(name=r["name"], kind="shard", count=r["count"], bytes=r["bytes"], sha256=r["sha256"])
                    for r in ordered]
+        if d.captions != "none":
+            outputs.append(OutputEntry(name=CAPTIONS, kind="file", bytes=(out / CAPTIONS).stat().st_size))
         seconds = max(1e-9, bar.format_dict.get("elapsed", 0.0))
         run.finish(
             outputs,

@@ -4,6 +4,7 @@
     {workdir}/latents/{vae}-{hash}       VAE moments store (Zarr), one directory per latents config
     {workdir}/teacher/{name}-{res}px-{cache}-{hash}
                                          teacher features store (Zarr), one directory per teacher config
+    {workdir}/text/{encoder}-{hash}      caption store (Zarr), when data.captions is set
     {workdir}/runs/{run}                 training run: checkpoints, metrics, ema.safetensors
     {workdir}/runs/{run}/samples         samples.npz + grid.png (samples-step{N}: from checkpoint N)
     {workdir}/runs/{run}/eval            metrics.json (eval-step{N}: of samples-step{N})
@@ -27,7 +28,12 @@ from pipeline.stores.zarr_store import StoreReader
 from schemas.config import ExperimentConfig, TrainConfig
 from schemas.manifest import Manifest
 
-STAGES = ("ingest", "latents", "teacher", "train", "sample", "evaluate")
+STAGES = ("ingest", "latents", "teacher", "text", "train", "sample", "evaluate")
+
+
+def stages(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The stages of this config in order: `text` only when the images have captions (data.captions)."""
+    return tuple(s for s in STAGES if s != "text" or cfg.data.captions != "none")
 
 
 
@@ -45,6 +51,7 @@ TEACHER_KEYS = (
     "teacher.name", "teacher.weights", "teacher.resolution", "teacher.cache", "teacher.dtype",
     "teacher.hidden_layer", "teacher.precision", "vae.flip", "stores.samples_per_shard",
 )
+TEXT_KEYS = ("text.name", "text.weights", "text.max_length", "text.captions_per_image", "stores.samples_per_shard")
 # Fields that say how a run executes, not what it computes.
 TRAIN_EXECUTION = {"name", "launcher", "num_workers", "use_gpu", "log_every", "sample_every", "grid",
                    "loader_workers", "prefetch", "max_failures"}
@@ -59,7 +66,8 @@ EVAL_KEYS = ("eval.reference", "eval.reference_offset", "eval.reference_limit", 
 def ingest_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
     """INGEST_KEYS, plus the order keys when the order is a seeded permutation (data.order was added
     after ingests existed: those in the source's order keep their fingerprints)."""
-    return INGEST_KEYS + (("data.shuffled", "data.order_seed") if cfg.data.shuffled else ())
+    captions = ("data.captions", "data.captions_path", "data.caption_templates") if cfg.data.captions != "none" else ()
+    return INGEST_KEYS + (("data.shuffled", "data.order_seed") if cfg.data.shuffled else ()) + captions
 
 
 # align.* fields added after runs existed: in a fingerprint only when set away from these defaults.
@@ -227,6 +235,10 @@ def _teacher_dir(cfg: ExperimentConfig) -> Path:
     return _workdir(cfg) / "teacher" / _variant(cfg, TEACHER_KEYS, f"{t.name}-{t.resolution}px-{t.cache}")
 
 
+def _text_dir(cfg: ExperimentConfig) -> Path:
+    return _workdir(cfg) / "text" / _variant(cfg, TEXT_KEYS, cfg.text.name.split("/")[-1])
+
+
 def variants(cfg: ExperimentConfig) -> dict[str, list[Path]]:
     """Other variants of the latents and teacher stores kept under the workdir (not this config's)."""
     out = {}
@@ -242,6 +254,7 @@ SPECS: dict[str, StageSpec] = {
                         _outputs_verify),
     "latents": StageSpec("latents", 1, lambda c: LATENT_KEYS, lambda c: ("ingest",), _latents_dir, _outputs_verify),
     "teacher": StageSpec("teacher", 1, lambda c: TEACHER_KEYS, lambda c: ("ingest",), _teacher_dir, _outputs_verify),
+    "text": StageSpec("text", 1, lambda c: TEXT_KEYS, lambda c: ("ingest",), _text_dir, _outputs_verify),
     "train": StageSpec("train", 1, train_keys, _train_inputs, _run_dir, _outputs_verify),
     # sample format 2: ADM's quantisation and REPA's guidance rules
     "sample": StageSpec("sample", 2, lambda c: SAMPLE_KEYS, lambda c: ("latents", "train"), _sample_dir,
@@ -253,7 +266,7 @@ SPECS: dict[str, StageSpec] = {
 def states(cfg: ExperimentConfig, upto: str | None = None, deep: bool = False) -> dict[str, StageState]:
     """States of every stage in order (or up to and including `upto`); `deep` rehashes outputs."""
     out: dict[str, StageState] = {}
-    for name in STAGES:
+    for name in stages(cfg):
         spec = SPECS[name]
         out[name] = evaluate_state(spec, cfg, {n: out[n] for n in spec.inputs(cfg)}, deep)
         if name == upto:

@@ -45,7 +45,19 @@ class DataConfig(Section):
     num_workers: int = Field(2, ge=1)  # processes writing shards in parallel
     synthetic_count: int = Field(512, ge=1)  # number of images of the synthetic source
     synthetic_classes: int = Field(10, ge=1)
-    seed: int = 0  # seed of the synthetic source
+    seed: int = 0  # seed of the synthetic source (and of the caption templates)
+    # captions for text-to-image: none | coco (captions_path: COCO's captions_{train,val}2014.json; data.path
+    # the folder holding train2014/) | templates (class names in caption_templates of pipeline.text.captions')
+    captions: Literal["none", "coco", "templates"] = "none"
+    captions_path: str = ""
+    caption_templates: int = Field(3, ge=1, le=10)  # templates: captions per image
+
+    @model_validator(mode="after")
+    def _captions(self) -> DataConfig:
+        if self.captions == "coco" and not self.captions_path:
+            raise ValueError("data.captions = 'coco' needs data.captions_path: MS-COCO's "
+                             "annotations/captions_train2014.json")
+        return self
 
     @property
     def shuffled(self) -> bool:
@@ -98,6 +110,17 @@ class StoresConfig(Section):
     # inside the shards of numeric arrays; not part of a store's identity (stores of either kind are
     # read alike and kept). "none": fp16 features barely compress and zstd costs CPU on every read
     compression: Literal["none", "zstd"] = "none"
+
+
+class TextConfig(Section):
+    """The caption encoder of text-to-image (stage `text`); used only when data.captions is set."""
+
+    name: str = "openai/clip-vit-large-patch14"  # Hugging Face id: CLIP's text tower (the papers'), T5, ...
+    weights: str = "hub"  # hub | minilm (offline all-MiniLM-L6-v2, `repa weights`) | a local model directory
+    max_length: int = Field(77, ge=1, le=512)  # tokens per caption, padded (CLIP: 77)
+    captions_per_image: int = Field(5, ge=1)  # caption slots stored per image (COCO has ~5; fewer repeat)
+    batch_size: int = Field(256, ge=1)  # captions per encoder call
+    device: Device = "auto"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,6 +298,7 @@ class ExperimentConfig(Section):
     vae: VaeConfig = VaeConfig()
     teacher: TeacherConfig = TeacherConfig()
     stores: StoresConfig = StoresConfig()
+    text: TextConfig = TextConfig()
     model: ModelConfig = ModelConfig()
     align: AlignConfig = AlignConfig()
     train: TrainConfig = TrainConfig()

@@ -6,7 +6,9 @@ by `StoreWriter.write_range`, so ranges are the unit of parallelism and of resum
 crash skips the ranges already published.
 
     extractor   a picklable object with `setup(device)` (loads its networks; called once per worker)
-                and `__call__(images uint8 [B,3,H,W] on device) -> {array name: np.ndarray [B, ...]}`.
+                and `__call__(images uint8 [B,3,H,W] on device) -> {array name: np.ndarray [B, ...]}`;
+                one with `load(index, lo, hi)` is given what that returns for rows [lo, hi) instead
+                of the images (the text stage: the rows' captions).
     launcher    pipeline.launch.fan_out's: "local" (this process, or spawned processes one device
                 each) or "ray" (one Ray task per range).
 """
@@ -67,9 +69,13 @@ def compute_range(job: StoreJob, index: ShardIndex, extractor: Extractor, device
                   start: int, stop: int, tick: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Compute samples [start, stop) batch by batch: the range's arrays, as write_range takes them."""
     parts: dict[str, list[np.ndarray]] = {}
+    load = getattr(extractor, "load", None)  # an extractor of something else than the images (captions)
     for lo, hi in _batches(start, stop, job.batch_size):
-        images = np.stack([index.read_image(i) for i in range(lo, hi)])  # [b, H, W, 3] uint8
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device, non_blocking=True)
+        if load is not None:
+            batch = load(index, lo, hi)
+        else:
+            images = np.stack([index.read_image(i) for i in range(lo, hi)])  # [b, H, W, 3] uint8
+            batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device, non_blocking=True)
         with torch.inference_mode():
             out = extractor(batch)
         for name, value in out.items():

@@ -56,6 +56,9 @@ class TextEncoder(nn.Module):
 def load_text_encoder(name: str, weights: str = "hub", max_length: int = 77) -> TextEncoder:
     """The encoder `name` with `weights` (module docstring), frozen, on the CPU."""
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per stage is ours; the library's would add one per load
 
     if weights == "minilm":
         from pipeline.text import minilm

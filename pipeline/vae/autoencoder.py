@@ -122,11 +122,6 @@ class Autoencoder(nn.Module):
         return self.vae.decode(z).sample.float().clamp(-1.0, 1.0)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] [B, 3, H, W] -> uint8 [B, 3, H, W] (inverse of x / 127.5 - 1, rounded)."""
-    return ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-
-
 # ----------------------------------------------------------------------------------------------
 #                                          Loading
 # ----------------------------------------------------------------------------------------------
