@@ -25,15 +25,30 @@ from schemas.names import VAES, teacher_geometry
 KNOWN_CLASSES = {"fashion-mnist": 10}
 
 
-def model_kwargs(cfg: ExperimentConfig, latents_extra: dict[str, Any]) -> dict[str, Any]:
-    """Constructor arguments of the backbone: the latent geometry plus the model section."""
+def model_kwargs(cfg: ExperimentConfig, latents_extra: dict[str, Any],
+                 text_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Constructor arguments of the backbone: the latent geometry plus the model section (plus the
+    text geometry, width and length, for a text-conditioned model)."""
     c, h, w = latents_extra["latent_shape"]
     if h != w:
         raise UsageError(f"latents are {h}x{w}; the backbones take square inputs")
     kwargs = {"input_size": int(h), "in_channels": int(c) // 2, "num_classes": cfg.model.num_classes,
               "class_dropout_prob": cfg.model.class_dropout, "use_rope": cfg.model.use_rope,
               "use_swiglu": cfg.model.use_swiglu}
+    if text_extra is not None:
+        kwargs.update(text_dim=int(text_extra["dim"]), text_len=int(text_extra["length"]))
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def check_text(cfg: ExperimentConfig) -> None:
+    """A text-conditioned model trains on captions, and captions need a text-conditioned model."""
+    text_model = cfg.model.name.startswith("MMDiT")
+    if text_model and cfg.data.captions == "none":
+        raise UsageError(f"model.name = {cfg.model.name} is conditioned on text: set data.captions = 'coco' or "
+                         "'templates' (and the [text] encoder)")
+    if cfg.data.captions != "none" and not text_model:
+        raise UsageError(f"data.captions = {cfg.data.captions!r} trains a text-to-image model: set model.name to an "
+                         "MMDiT (e.g. MMDiT-T/2), or data.captions = 'none' for class labels")
 
 
 def check_manifests(cfg: ExperimentConfig, latents: dict[str, Any], teacher: dict[str, Any] | None,
@@ -43,6 +58,7 @@ def check_manifests(cfg: ExperimentConfig, latents: dict[str, Any], teacher: dic
     from pipeline.align.student import AlignmentError
     from pipeline.models import build_model
 
+    check_text(cfg)
     classes = int(latents["num_classes"])
     if cfg.model.num_classes and classes > cfg.model.num_classes:  # 0 = unconditional: labels are ignored
         raise UsageError(f"model.num_classes = {cfg.model.num_classes}, but the dataset has {classes} classes: "
@@ -90,4 +106,5 @@ def predicted_geometry(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str,
 def check_config(cfg: ExperimentConfig) -> None:
     """Every check that needs neither data nor weights; raises UsageError naming the key to change."""
     latents, teacher = predicted_geometry(cfg)
-    check_manifests(cfg, latents, teacher, model_kwargs(cfg, latents))
+    text = {"dim": 768, "length": cfg.text.max_length} if cfg.data.captions != "none" else None  # width: any
+    check_manifests(cfg, latents, teacher, model_kwargs(cfg, latents, text))

@@ -166,12 +166,17 @@ def train(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, for
         train_stage(cfg, force, wait)
 
 
+PromptsOpt = Annotated[str | None, typer.Option("--prompts", help="Text-to-image: a file of prompts, one a line "
+                                                                   "(sets sample.prompts).")]
+
+
 @app.command()
 def sample(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, force: ForceOpt = False,
-        wait: WaitOpt = False) -> None:
-    """Draw class-balanced samples from the run's EMA weights."""
+        wait: WaitOpt = False, prompts: PromptsOpt = None) -> None:
+    """Draw class-balanced samples from the run's EMA weights (text-to-image: from prompts)."""
     from jobs.sample import sample as sample_stage
 
+    overrides = [*(overrides or []), *([f"sample.prompts={prompts}"] if prompts else [])]
     with _command(config, overrides, check=True) as cfg:
         sample_stage(cfg, force, wait)
 

@@ -9,7 +9,9 @@ Recipe:
   3. Inception features of samples.npz; FID on pool features (2048), sFID on the first 7 channels
      of mixed_6/conv, IS from the logits (10 splits) when they exist, precision/recall with k
      nearest neighbours on pool features, KID (unbiased, cubic kernel) on pool features;
-  4. metrics.json (atomic), manifest last.
+  4. text-to-image with class-named prompts: the agreement score (pipeline.metrics.agreement: a
+     k-NN on the cached teacher features judges each sample's class against its prompt's);
+  5. metrics.json (atomic), manifest last.
 """
 
 from __future__ import annotations
@@ -37,6 +39,46 @@ from schemas.config import ExperimentConfig
 from schemas.manifest import Manifest, OutputEntry
 
 MAX_PR_REFERENCE = 10_000  # reference images used for precision/recall (ADM's reference batch size)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Text-image agreement
+# ----------------------------------------------------------------------------------------------
+
+AGREEMENT_BANK = 5000  # real images (teacher store rows) the k-NN judge compares with
+
+
+def agreement(cfg: ExperimentConfig, images: np.ndarray, prompt_labels: np.ndarray, device) -> dict | None:
+    """pipeline.metrics.agreement of the samples, or None (with a message) when it cannot be computed."""
+    import torch
+
+    from pipeline.metrics.agreement import prompt_agreement
+    from pipeline.stores.zarr_store import StoreReader
+    from pipeline.teachers import dinov2
+
+    if not (prompt_labels >= 0).any():
+        say("evaluate", "agreement: the prompts came from a file and name no class (null)")
+        return None
+    state = layout.states(cfg, upto="teacher")["teacher"]
+    if state.state != "up-to-date" or cfg.teacher.cache == "online":
+        say("evaluate", f"agreement needs the cached teacher features ({state.path}: {state.state}) (null)")
+        return None
+    store = StoreReader(state.path / "store.zarr")
+    rows = np.arange(min(len(store), AGREEMENT_BANK))
+    tokens = torch.from_numpy(np.asarray(store.read("tokens", rows))).float()
+    if "tokens_scale" in store.names:
+        from pipeline.teachers.quantize import dequantize
+
+        tokens = dequantize(tokens, torch.from_numpy(np.asarray(store.read("tokens_scale", rows))))
+    bank, bank_labels = tokens.mean(1).numpy(), np.asarray(store.read("labels", rows), dtype=np.int64)
+    teacher = dinov2.load_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.resolution).to(device)
+    feats = []
+    with torch.inference_mode():
+        for lo in range(0, len(images), cfg.eval.batch_size):
+            batch = torch.from_numpy(np.array(images[lo:lo + cfg.eval.batch_size])).permute(0, 3, 1, 2).to(device)
+            feats.append(dinov2.patch_tokens(teacher, dinov2.preprocess(batch, cfg.teacher.resolution)).float()
+                         .mean(1).cpu())
+    return prompt_agreement(bank, bank_labels, torch.cat(feats).numpy(), prompt_labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,10 +224,14 @@ def evaluate(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> 
         else:
             metrics["precision"] = metrics["recall"] = metrics["kid"] = metrics["kid_std"] = None
             say("evaluate", "precision/recall and KID need reference images; the reference file has none (null)")
+        if run.inputs["sample"].extra.get("prompts"):
+            agreed = agreement(cfg, images, np.asarray(open_npz_array(samples_path, "arr_1")), device)
+            metrics.update(agreed or {"agreement": None})
         metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in metrics.items()}
         metrics.update({"num_samples": int(len(images)), "reference": ref_desc, "inception": e.inception})
         atomic_write_json(run.path / "metrics.json", metrics)
-        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("fid", "kid", "sfid", "is", "precision", "recall")
+        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("fid", "kid", "sfid", "is", "precision", "recall",
+                                                                 "agreement", "agreement_real")
                           if isinstance(metrics.get(k), float))
         say("evaluate", f"{shown}  ({len(images)} samples)")
         run.finish([OutputEntry(name="metrics.json", kind="file", bytes=(run.path / "metrics.json").stat().st_size)],

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from jobs.layout import CAPTIONS
 from jobs.run import say, stage
 from jobs.stage import UsageError
 from pipeline import faults
@@ -35,7 +36,6 @@ from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry
 
 SHARD_PATTERN = "shard-{:06d}.tar"
-CAPTIONS = "captions.json"  # {key: [caption, ...]} when data.captions is set
 
 
 class ImageFailure(RuntimeError):

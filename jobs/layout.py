@@ -28,6 +28,7 @@ from pipeline.stores.zarr_store import StoreReader
 from schemas.config import ExperimentConfig, TrainConfig
 from schemas.manifest import Manifest
 
+CAPTIONS = "captions.json"  # in the ingest directory: {key: [caption, ...]} when data.captions is set
 STAGES = ("ingest", "latents", "teacher", "text", "train", "sample", "evaluate")
 
 
@@ -59,6 +60,12 @@ MODEL_KEYS = ("model.name", "model.num_classes", "model.class_dropout", "model.u
 SAMPLE_KEYS = tuple(f"sample.{k}" for k in ("num", "labels", "sampler", "heun", "heun_guidance", "steps",
                                              "cfg_scale", "guidance_low", "guidance_high", "precision", "seed",
                                              "weights", "batch_size", "checkpoint"))  # batch i's noise and labels: (seed, i)
+
+
+def sample_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """SAMPLE_KEYS, plus the prompts file and the text encoder for text-to-image (added later: class-
+    conditional samples keep their fingerprints)."""
+    return SAMPLE_KEYS + (("sample.prompts",) + TEXT_KEYS if cfg.data.captions != "none" else ())
 EVAL_KEYS = ("eval.reference", "eval.reference_offset", "eval.reference_limit", "eval.inception",
              "eval.splits", "eval.k")
 
@@ -200,7 +207,8 @@ def _eval_dir(cfg: ExperimentConfig) -> Path:
 def _train_inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
     from pipeline.align.registry import objective_class
 
-    return ("latents", "teacher") if objective_class(cfg.train.align).reads_teacher else ("latents",)
+    text = ("text",) if cfg.data.captions != "none" else ()
+    return (("latents", "teacher") if objective_class(cfg.train.align).reads_teacher else ("latents",)) + text
 
 
 def _eval_inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
@@ -257,7 +265,7 @@ SPECS: dict[str, StageSpec] = {
     "text": StageSpec("text", 1, lambda c: TEXT_KEYS, lambda c: ("ingest",), _text_dir, _outputs_verify),
     "train": StageSpec("train", 1, train_keys, _train_inputs, _run_dir, _outputs_verify),
     # sample format 2: ADM's quantisation and REPA's guidance rules
-    "sample": StageSpec("sample", 2, lambda c: SAMPLE_KEYS, lambda c: ("latents", "train"), _sample_dir,
+    "sample": StageSpec("sample", 2, sample_keys, lambda c: ("latents", "train"), _sample_dir,
                         _outputs_verify),
     "evaluate": StageSpec("evaluate", 1, _eval_keys, _eval_inputs, _eval_dir, _outputs_verify),
 }

@@ -202,6 +202,17 @@ def load_vae_or_exit(cfg: ExperimentConfig, device: str = "cpu"):
         raise UsageError(f"vae: {exc}") from None
 
 
+def load_text_encoder_or_exit(t):
+    """The caption encoder of the [text] section (pipeline.text.encoder), or a UsageError saying how to
+    provide its weights."""
+    from pipeline.text.encoder import load_text_encoder
+
+    try:
+        return load_text_encoder(t.name, t.weights, t.max_length)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise UsageError(f"text: {exc}") from None
+
+
 def store_outputs(reader, index) -> list[OutputEntry]:
     """The manifest entries of a finished store (shape, dtype, bytes, sha256 over its shard files),
     after checking that row i of the store (a StoreReader) is image i of the ingest shards (a ShardIndex)."""

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from jobs.run import device_or_exit, load_vae_or_exit, say, stage
+from jobs.layout import CAPTIONS
+from jobs.run import device_or_exit, load_text_encoder_or_exit, load_vae_or_exit, say, stage
 from jobs.stage import UsageError
 from pipeline import faults
 from pipeline.models import build_model
@@ -103,7 +104,39 @@ class DrawPlan:
     train_extra: dict  # the train manifest's extra: model name and constructor arguments
     parts: str  # folder of finished batches
     batches: tuple[tuple[int, int], ...]  # [lo, hi) of every batch
-    labels: tuple[int, ...]  # labels of all samples (sample.labels)
+    labels: tuple[int, ...]  # labels of all samples (sample.labels; text-to-image: the prompts' classes, -1 unknown)
+    prompts: tuple[str, ...] = ()  # text-to-image: the prompt of every sample
+
+
+def text_condition(encoder, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The MMDiT condition of `prompts`, rounded through fp16 as the text store holds training captions."""
+    out = encoder.encode(prompts, device)
+    return {"tokens": out["tokens"].half().float(), "mask": out["mask"], "pooled": out["pooled"].half().float(),
+            "drop": torch.zeros(len(prompts), dtype=torch.bool, device=device)}
+
+
+def sample_prompts(cfg: ExperimentConfig, ingest_dir: Path) -> tuple[list[str], np.ndarray]:
+    """(prompt, class label) of every sample: the lines of sample.prompts in turn (label -1), or one
+    caption of a training image per sample, images and captions drawn with sample.seed."""
+    s = cfg.sample
+    if s.prompts:
+        path = Path(s.prompts).expanduser()
+        if not path.is_file():
+            raise UsageError(f"sample.prompts = {s.prompts!r} is not a file (one prompt a line)")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise UsageError(f"{path} holds no prompt")
+        return [lines[i % len(lines)] for i in range(s.num)], np.full(s.num, -1, dtype=np.int64)
+    captions = json.loads((ingest_dir / CAPTIONS).read_text())
+    labels = {}
+    for line in (ingest_dir / "index.tsv").read_text().splitlines()[1:]:
+        key, label, _ = line.split("\t", 2)
+        labels[key] = int(label)
+    keys = sorted(captions)
+    rng = np.random.default_rng([s.seed, 7])
+    images = rng.choice(len(keys), size=s.num, replace=s.num > len(keys))
+    prompts = [captions[keys[i]][int(rng.integers(len(captions[keys[i]])))] for i in images]
+    return prompts, np.array([labels[keys[i]] for i in images], dtype=np.int64)
 
 
 def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
@@ -117,6 +150,9 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
     num_classes = int(plan.train_extra["model_kwargs"]["num_classes"])
     c, h, w = model.in_channels, model.input_size, model.input_size
     labels = np.asarray(plan.labels, dtype=np.int64)
+    encoder = None
+    if plan.prompts:
+        encoder = load_text_encoder_or_exit(cfg.text).to(device)
     if device.type == "cuda":  # REPA's generate.py: fp32 weights and activations, TF32 matmuls
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -129,7 +165,8 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
         lo, hi = plan.batches[i]
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + i)
         noise = torch.randn(hi - lo, c, h, w, generator=gen).to(device)
-        y = torch.from_numpy(labels[lo:hi]).to(device)
+        y = (text_condition(encoder, list(plan.prompts[lo:hi]), device) if encoder is not None
+             else torch.from_numpy(labels[lo:hi]).to(device))
         with torch.inference_mode():
             z = run_sampler(velocity, noise, y, sampler=s.sampler, steps=s.steps, heun=s.heun,
                             path=cfg.train.path, cfg_scale=s.cfg_scale,
@@ -166,7 +203,12 @@ def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
         run_dir = run.upstream["train"].path
         weights_path(run_dir, s.weights, s.checkpoint)  # a missing file is a usage error before any compute
         num_classes = int(train.extra["model_kwargs"]["num_classes"])
-        labels = sample_labels(s.labels, s.num, num_classes, s.seed, s.batch_size)
+        prompts: list[str] = []
+        if "text_dim" in train.extra["model_kwargs"]:  # text-to-image: prompts instead of labels
+            ingest_dir = Path(next(r.path for r in run.inputs["latents"].inputs if r.stage == "ingest"))
+            prompts, labels = sample_prompts(cfg, ingest_dir)
+        else:
+            labels = sample_labels(s.labels, s.num, num_classes, s.seed, s.batch_size)
         batches = [(lo, min(s.num, lo + s.batch_size)) for lo in range(0, s.num, s.batch_size)]
         parts = run.path / f".parts-{run.fingerprint[:16]}"
         parts.mkdir(parents=True, exist_ok=True)
@@ -176,11 +218,12 @@ def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
         heun = f" (heun, corrector guided at {s.heun_guidance})" if s.heun and s.sampler == "ode" else ""
         guidance = (f"cfg {s.cfg_scale} on t in [{s.guidance_low}, {s.guidance_high}]" if s.cfg_scale > 1
                     else f"cfg {s.cfg_scale}: no guidance (it needs cfg_scale > 1)")
-        say("sample", f"{s.num} images, labels {s.labels}, {s.sampler} {s.steps} steps{heun}, {guidance}, "
+        conditioned = f"prompts from {s.prompts or 'the training captions'}" if prompts else f"labels {s.labels}"
+        say("sample", f"{s.num} images, {conditioned}, {s.sampler} {s.steps} steps{heun}, {guidance}, "
                       f"{s.precision}, {s.weights} weights" + (f" of checkpoint {s.checkpoint}" if s.checkpoint else "")
                       + f", {s.launcher} x {s.num_workers}")
         plan = DrawPlan(cfg.model_dump(mode="json"), str(run_dir.resolve()), dict(train.extra), str(parts.resolve()),
-                        tuple(batches), tuple(int(v) for v in labels))
+                        tuple(batches), tuple(int(v) for v in labels), tuple(prompts))
         todo = [i for i in range(len(batches)) if i not in done]
         bar = progress_bar(total=s.num, initial=sum(hi - lo for i, (lo, hi) in enumerate(batches) if i in done),
                    unit="img", desc="sample")
@@ -201,6 +244,8 @@ def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
         })
         images = open_npz_array(run.path / "samples.npz", "arr_0")
         atomic_write_bytes(run.path / "grid.png", image_grid(images))
+        if prompts:  # the grid's cells in reading order are the first prompts
+            atomic_write_bytes(run.path / "prompts.txt", ("\n".join(prompts) + "\n").encode())
         shutil.rmtree(parts)
         for old in run.path.glob(".parts-*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -208,10 +253,12 @@ def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
             OutputEntry(name="samples.npz", kind="file", shape=list(images.shape), dtype="uint8", count=len(images),
                         bytes=(run.path / "samples.npz").stat().st_size),
             OutputEntry(name="grid.png", kind="file", bytes=(run.path / "grid.png").stat().st_size),
-        ]
+        ] + ([OutputEntry(name="prompts.txt", kind="file", bytes=(run.path / "prompts.txt").stat().st_size)]
+             if prompts else [])
         seconds = max(bar.format_dict.get("elapsed", 0.0), 1e-9)
         drawn = sum(batches[i][1] - batches[i][0] for i in todo)
         run.finish(outputs, {"images": len(images), "images_drawn": drawn, "images_per_s": round(drawn / seconds, 2)},
                    extra={"num": len(images), "num_classes": num_classes, "resolution": int(images.shape[1]),
+                          "prompts": bool(prompts),
                           "sampler": json.loads(s.model_dump_json())})
         say("sample", f"grid: {run.path / 'grid.png'}")

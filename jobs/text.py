@@ -21,22 +21,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from jobs.ingest import CAPTIONS
-from jobs.run import KEY_WIDTH, device_or_exit, say, shard_paths, stage, store_outputs
+from jobs.layout import CAPTIONS
+from jobs.run import (
+    KEY_WIDTH,
+    device_or_exit,
+    load_text_encoder_or_exit,
+    say,
+    shard_paths,
+    stage,
+    store_outputs,
+)
 from jobs.stage import UsageError
 from pipeline.launch.ranges import StoreJob, run_store_job
 from pipeline.stores.tar_shards import ShardIndex
 from pipeline.stores.zarr_store import ArraySpec, StoreReader
 from schemas.config import ExperimentConfig, TextConfig
-
-
-def load_text_encoder_or_exit(t: TextConfig):
-    from pipeline.text.encoder import load_text_encoder
-
-    try:
-        return load_text_encoder(t.name, t.weights, t.max_length)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise UsageError(f"text: {exc}") from None
 
 
 def caption_slots(captions: list[str], k: int) -> tuple[list[str], int]:

@@ -28,7 +28,7 @@ import torch
 from jobs.checks import check_manifests, model_kwargs
 from jobs.run import load_vae_or_exit, say, shard_paths, stage
 from jobs.stage import UsageError, probe_warning
-from pipeline.train.plan import LoopSettings, TeacherInfo, TrainPlan
+from pipeline.train.plan import LoopSettings, TeacherInfo, TextInfo, TrainPlan
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry, read_manifest
 
@@ -181,7 +181,9 @@ def worker_main(plan: TrainPlan) -> dict:
     labels = np.asarray(latents.array("labels")[:], dtype=np.int64)
     dataset = TrainDataset(moments, labels, num_classes=cfg.model.num_classes, seed=t.seed,
                            class_dropout=cfg.model.class_dropout, scale=plan.latent_scale,
-                           time_sampling=t.time_sampling, path=t.path, teacher=_teacher_readers(plan, len(moments)))
+                           time_sampling=t.time_sampling, path=t.path, teacher=_teacher_readers(plan, len(moments)),
+                           text=StoreArrays(StoreReader(plan.text_store), {k: k for k in ("tokens", "mask", "pooled", "count")})
+                           if plan.text_store else None)
 
     source = None
     if info is not None:
@@ -207,7 +209,7 @@ def worker_main(plan: TrainPlan) -> dict:
         teacher_source=source,
         worker=worker,
         sample_fn=_sample_fn(cfg, plan.run_dir, worker.device, plan.dataset_classes)
-        if worker.rank == 0 and t.grid else None,
+        if worker.rank == 0 and t.grid and plan.text is None else None,  # (text-to-image: grids from `repa sample`)
         trigger=build_trigger(objective, cfg.align),
         metadata={"model": cfg.model.name, "model_kwargs": json.dumps(plan.model_kwargs)},
     )
@@ -227,8 +229,8 @@ def train(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> Non
             return
         t = cfg.train
         latents = run.inputs["latents"]
-        teacher = run.inputs.get("teacher")
-        kwargs = model_kwargs(cfg, latents.extra)
+        teacher, text = run.inputs.get("teacher"), run.inputs.get("text")
+        kwargs = model_kwargs(cfg, latents.extra, text.extra if text else None)
         check_manifests(cfg, latents.extra, teacher.extra if teacher else None, kwargs)
         run_dir = run.path.resolve()
         latents_store = run.upstream["latents"].path / "store.zarr"
@@ -243,7 +245,9 @@ def train(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> Non
             shards=tuple(p.resolve() for p in shard_paths(ingest_dir, read_manifest(ingest_dir)))
             if teacher and teacher.extra["cache"] == "online" else (),
             latent_scale=float(latents.extra["scaling_factor"]), dataset_classes=int(latents.extra["num_classes"]),
-            model_kwargs=kwargs, resume="never" if force else "auto")
+            model_kwargs=kwargs, resume="never" if force else "auto",
+            text_store=(run.upstream["text"].path / "store.zarr").resolve() if text else None,
+            text=TextInfo.model_validate(text.extra) if text else None)
         say("train", f"{cfg.model.name} {kwargs} align={t.align} on {latents.extra['num_images']} latents, "
                      f"{t.total_steps} steps x batch {t.batch_size}, {t.launcher} x {t.num_workers} -> {run_dir}")
         if teacher and teacher.extra.get("weights") == "random":

@@ -240,6 +240,9 @@ class SampleConfig(Section):
     device: Device = "auto"
     launcher: Literal["local", "ray"] = "local"  # ray: batches fanned out over Ray tasks (one GPU each)
     num_workers: int = Field(1, ge=1)  # Ray tasks drawing batches in parallel
+    # text-to-image: a file of prompts, one a line, used in turn ("" = captions of the training images,
+    # drawn with `seed`: the distribution FID compares against)
+    prompts: str = ""
 
     @model_validator(mode="after")
     def _interval(self) -> SampleConfig:
@@ -322,7 +325,7 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _guidance_needs_classes(self) -> ExperimentConfig:
-        if self.model.num_classes == 0 and self.sample.cfg_scale > 1:
+        if self.model.num_classes == 0 and self.sample.cfg_scale > 1 and self.data.captions == "none":
             raise ValueError(f"sample.cfg_scale = {self.sample.cfg_scale} asks for classifier-free guidance, which an "
                              "unconditional model (model.num_classes = 0) cannot give: set sample.cfg_scale = 1")
         return self

@@ -103,7 +103,7 @@ def test_stage_jobs_are_siblings():
     import ast
 
     framework = {"jobs", "jobs.stage", "jobs.run", "jobs.layout", "jobs.lock", "jobs.checks"}
-    stages = {"ingest", "encode", "teacher", "train", "sample", "evaluate", "compare", "report"}
+    stages = {"ingest", "encode", "teacher", "text", "train", "sample", "evaluate", "compare", "report"}
     for name in stages:
         tree = ast.parse((ROOT / "jobs" / f"{name}.py").read_text())
         imported = set()

@@ -15,6 +15,7 @@ import torch
 from pipeline.datasets.sources import SourceItem
 from pipeline.text import minilm
 from pipeline.text.captions import TEMPLATES, CaptionError, coco_index, image_captions, templated
+from schemas.config import ExperimentConfig
 from schemas.loading import load_config
 from tests.conftest import repa
 
@@ -159,3 +160,106 @@ def test_text_stage_is_listed_only_with_captions(tmp_path):
     assert "text" not in states(load_config(str(config), ["data.captions=none"]))
     out = repa("text", "--config", str(config), "--set", "data.captions=none")
     assert out.returncode == 2 and "needs captions" in out.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+#                             Guidance, prompts and the agreement score
+# ----------------------------------------------------------------------------------------------
+
+
+def test_guidance_pairs_a_text_condition_with_its_null_text():
+    from pipeline.sampling.samplers import conditioned_pair
+
+    y = {"tokens": torch.randn(2, 3, 4), "mask": torch.ones(2, 3, dtype=torch.bool), "pooled": torch.randn(2, 4),
+         "drop": torch.tensor([False, True])}
+    pair = conditioned_pair(y, null_class=0)
+    assert torch.equal(pair["tokens"], torch.cat([y["tokens"], y["tokens"]]))
+    assert pair["drop"].tolist() == [False, True, True, True]  # rows B..2B-1: the null text
+    assert torch.equal(conditioned_pair(torch.tensor([3, 1]), null_class=10), torch.tensor([3, 1, 10, 10]))
+
+
+def test_agreement_by_hand():
+    from pipeline.metrics.agreement import prompt_agreement
+
+    # two well separated classes on the unit circle; k = 1 judges by the nearest bank image
+    bank = np.array([[1, 0], [0.9, 0.1], [1, 0.05], [0, 1], [0.1, 0.9], [0.05, 1]], np.float32)
+    bank_labels = np.array([0, 0, 0, 1, 1, 1])
+    samples = np.array([[1, 0.02], [0.02, 1], [1, 0.1], [0.3, 1]], np.float32)  # judged 0, 1, 0, 1
+    prompts = np.array([0, 1, 1, -1])  # the third sample shows class 0 for a class-1 prompt; the last has none
+    out = prompt_agreement(bank, bank_labels, samples, prompts, k=1)
+    assert out["agreement"] == pytest.approx(2 / 3) and out["agreement_samples"] == 3
+    assert out["agreement_chance"] == pytest.approx(2 / 3)  # class 1 is 2 of the 3 prompts
+    assert out["agreement_real"] == pytest.approx(1.0)  # 5 bank rows judge the 6th correctly
+    with pytest.raises(ValueError, match="no sample has a prompt class"):
+        prompt_agreement(bank, bank_labels, samples, np.full(4, -1), k=1)
+
+
+def test_prompts_from_a_file_or_the_training_captions(tmp_path):
+    from jobs.sample import sample_prompts
+
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    (ingest / "captions.json").write_text(json.dumps({"00000000": ["a cat", "a cat sleeping"], "00000001": ["a dog"]}))
+    (ingest / "index.tsv").write_text("key\tlabel\torigin\n00000000\t3\ta.png\n00000001\t5\tb.png\n")
+    cfg = ExperimentConfig.model_validate({"sample": {"num": 6, "seed": 1}})
+    prompts, labels = sample_prompts(cfg, ingest)
+    assert len(prompts) == 6 and all(p in {"a cat", "a cat sleeping", "a dog"} for p in prompts)
+    assert all((lab == 5) == (p == "a dog") for p, lab in zip(prompts, labels, strict=True))
+    assert sample_prompts(cfg, ingest)[0] == prompts  # seeded
+    file = tmp_path / "prompts.txt"
+    file.write_text("a red car\n\na blue bird\n")
+    cfg = ExperimentConfig.model_validate({"sample": {"num": 3, "prompts": str(file)}})
+    assert sample_prompts(cfg, ingest)[0] == ["a red car", "a blue bird", "a red car"]
+    assert sample_prompts(cfg, ingest)[1].tolist() == [-1, -1, -1]
+
+
+T2I_RUN = """
+[train]
+align = "{align}"
+batch_size = 8
+steps = 4
+precision = "fp32"
+checkpoint_every = 2
+log_every = 1
+grid = 0
+[align]
+projector_dim = 32
+student_layers = [1]
+teacher_layers = [11]
+tau = 2
+[sample]
+num = 8
+sampler = "ode"
+steps = 2
+batch_size = 4
+cfg_scale = 2.0
+[eval]
+reference = "ingest"
+batch_size = 8
+splits = 2
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("align", ["repa", "haste"])
+def test_text_to_image_trains_samples_from_typed_prompts_and_scores(tmp_path, align):
+    _need_minilm()
+    config = tmp_path / "t2i.toml"
+    text = CONFIG.format(workdir=tmp_path / "w").replace('name = "SiTDown-T/4"\nnum_classes = 10',
+                                                         'name = "MMDiT-T/4"\nnum_classes = 0')
+    if align == "haste":
+        text = text.replace('resolution = 56\n', 'resolution = 112\ncache = "hidden"\nhidden_layer = 10\n', 1)
+    config.write_text(text + T2I_RUN.format(align=align))
+    for command in ("features", "train", "eval"):
+        out = repa(command, "--config", str(config))
+        assert out.returncode == 0, (command, out.stderr[-2000:])
+    metrics = json.loads(next((tmp_path / "w" / "runs").glob("*/eval/metrics.json")).read_text())
+    assert 0.0 <= metrics["agreement"] <= 1.0 and metrics["agreement_samples"] == 8
+    rows = [json.loads(line) for line in next((tmp_path / "w" / "runs").glob("*/metrics.jsonl")).read_text().splitlines()]
+    assert "repa" in rows[0] and (align != "haste" or "attn" in rows[0])
+    prompts = tmp_path / "typed.txt"
+    prompts.write_text("a photo of a sneaker.\na photo of a bag.\n")
+    out = repa("sample", "--config", str(config), "--prompts", str(prompts), "--set", "sample.num=4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    drawn = next((tmp_path / "w" / "runs").glob("*/samples/prompts.txt"))
+    assert drawn.read_text().split("\n")[:4] == ["a photo of a sneaker.", "a photo of a bag."] * 2

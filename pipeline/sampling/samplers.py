@@ -77,6 +77,17 @@ STATE_DTYPE = torch.float64  # dtype of the integrated state
 # ----------------------------------------------------------------------------------------------
 
 
+def conditioned_pair(y: torch.Tensor | dict[str, torch.Tensor], null_class: int):
+    """The condition of a guided evaluation's 2B rows: y, then the null condition. Labels [B]: the
+    null class; a text condition (dict, pipeline/models/mmdit.py): the same captions with `drop` set,
+    which the model replaces by its learned null text."""
+    if isinstance(y, dict):
+        pair = {k: torch.cat([v, v]) for k, v in y.items()}
+        pair["drop"] = torch.cat([y["drop"], torch.ones_like(y["drop"])])
+        return pair
+    return torch.cat([y, torch.full_like(y, null_class)])
+
+
 class GuidedVelocity:
     """v(x, t) for a fixed label batch, with classifier-free guidance inside an interval.
 
@@ -87,7 +98,7 @@ class GuidedVelocity:
     def __init__(
         self,
         velocity_fn: VelocityFn,
-        y: torch.Tensor,
+        y: torch.Tensor | dict[str, torch.Tensor],
         *,
         cfg_scale: float,
         guidance_low: float,
@@ -101,7 +112,7 @@ class GuidedVelocity:
         self.guidance_low = float(guidance_low)
         self.guidance_high = float(guidance_high)
         self.model_dtype = model_dtype
-        self.y_pair = torch.cat([y, torch.full_like(y, null_class)]) if self.cfg_scale > 1.0 else None
+        self.y_pair = conditioned_pair(y, null_class) if self.cfg_scale > 1.0 else None
 
     def guided(self, t: float) -> bool:
         """Whether an evaluation whose guidance is decided at time t uses it (two predictions)."""
@@ -219,7 +230,7 @@ def standard_normal(like: torch.Tensor, generator: torch.Generator | None) -> to
 def sample(
     velocity_fn: VelocityFn,
     noise: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | dict[str, torch.Tensor],
     *,
     sampler: SamplerName = "ode",
     steps: int = 50,
@@ -233,7 +244,8 @@ def sample(
     sde_last_step: LastStep = "mean",
     heun_guidance: HeunGuidance = "t_cur",
 ) -> torch.Tensor:
-    """Draw x0 [B, C, H, W] from noise [B, C, H, W] (the state at t = 1) and labels y [B].
+    """Draw x0 [B, C, H, W] from noise [B, C, H, W] (the state at t = 1) and labels y [B] (or a text
+    condition: a dict whose tensors have B rows, see conditioned_pair).
 
     velocity_fn(x [B', C, H, W], t [B'], y [B']) -> v [B', C, H, W]; B' is B, or 2B on guided steps
     (rows B..2B-1 then carry the label `null_class`). x and t have the dtype and device of `noise`.
@@ -261,8 +273,9 @@ def sample(
         )
     if not noise.is_floating_point():
         raise ValueError(f"noise must be a floating-point tensor, got dtype={noise.dtype}")
-    if y.shape != noise.shape[:1]:
-        raise ValueError(f"y must have shape [B] = [{noise.shape[0]}], got {list(y.shape)}")
+    rows = y["drop"].shape if isinstance(y, dict) else y.shape
+    if rows != noise.shape[:1]:
+        raise ValueError(f"y must have shape [B] = [{noise.shape[0]}], got {list(rows)}")
     flow_path = get_interpolant(path)
     field = GuidedVelocity(
         velocity_fn, y,

@@ -46,6 +46,19 @@ class ProbeResult:
         return head
 
 
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """Cosine k-NN: each query [Q, D] gets the majority label of its k nearest bank rows [B, D]
+    (labels [B] int64); a tie goes to the class of the nearest tied neighbour. -> int64 [Q]."""
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k-NN needs 1 <= k <= bank size, got k={k}, bank {bank.shape[0]}")
+    sim = F.normalize(queries.double(), dim=1) @ F.normalize(bank.double(), dim=1).T  # [Q, B]
+    neighbour = bank_labels[sim.topk(k, dim=1).indices]  # [Q, k], nearest first
+    classes = int(bank_labels.max()) + 1
+    votes = F.one_hot(neighbour, classes).sum(1).double()  # [Q, C]
+    order_bonus = F.one_hot(neighbour, classes).double() * (1e-3 / (1 + torch.arange(k, dtype=torch.float64)))[:, None]
+    return (votes + order_bonus.sum(1)).argmax(1)
+
+
 def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, bank: int, k: int = 5) -> float:
     """Accuracy of cosine k-NN: rows [bank:] classified by the labels of their k nearest rows in [:bank].
 
@@ -54,15 +67,7 @@ def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, bank: int, k: int
     n = features.shape[0]
     if not 1 <= k <= bank < n:
         raise ValueError(f"k-NN probe needs 1 <= k <= bank < N, got k={k}, bank={bank}, N={n}")
-    f = F.normalize(features.double(), dim=1)
-    sim = f[bank:] @ f[:bank].T  # [Q, bank]
-    top_sim, top = sim.topk(k, dim=1)
-    neighbour = labels[:bank][top]  # [Q, k], nearest first
-    classes = int(labels.max()) + 1
-    votes = F.one_hot(neighbour, classes).sum(1).double()  # [Q, C]
-    # tie-break: a tiny bonus for the class of the nearest neighbour among the tied ones
-    order_bonus = F.one_hot(neighbour, classes).double() * (1e-3 / (1 + torch.arange(k, dtype=torch.float64)))[:, None]
-    predicted = (votes + order_bonus.sum(1)).argmax(1)
+    predicted = knn_predict(features[:bank], labels[:bank], features[bank:], k)
     return float((predicted == labels[bank:]).double().mean())
 
 

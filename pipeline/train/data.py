@@ -12,6 +12,7 @@ it from its own torch.Generator seeded with (seed, s, j), in this order:
     flow noise    eps ~ N(0, 1) [c, h, w]
     time          t ~ pipeline.flow.sample_time(uniform | lognormal)
     drop          u ~ U(0, 1); the label becomes the null class `num_classes` when u < class_dropout
+    caption       k ~ U{0, .., count-1}       (text-to-image only: which of the image's captions)
 so no value depends on the number of workers or loader processes: one worker at batch B computes
 exactly the samples that two workers at B/2 compute between them.
 
@@ -19,6 +20,10 @@ Stores are read through callables over sorted, unique int64 indices:
     moments reader(indices) -> float32 [n, 2c, h, w]: channels [:c] posterior mean, [c:] posterior std
                                 (one reader per stored variant: [moments] or [moments, moments_flip])
     teacher reader(indices) -> {name: array [n, ...]} (tokens [n, T, D] or hidden [n, T+1, D], fp16)
+    text reader(indices)    -> {tokens [n, K, L, D], mask [n, K, L], pooled [n, K, D], count [n]}: K caption
+                                slots per image, `count` of them its own (text-to-image). The condition
+                                `y` is then {tokens [b, L, D], mask [b, L] bool, pooled [b, D], drop [b]
+                                bool}: the drawn caption, and whether caption dropout hides it.
 Teacher readers come one per variant too; a sample mirrored in the latent gets the mirrored image's
 teacher features (a single teacher reader serves every variant). The batch's `flip` says which
 samples were mirrored.
@@ -107,6 +112,7 @@ class TrainDataset(Dataset):
         time_sampling: str = "uniform",  # uniform | lognormal
         path: str = "linear",  # interpolant path (lognormal's sigma -> t map depends on it)
         teacher: TeacherReader | Sequence[TeacherReader] | None = None,  # teacher arrays, per variant like moments
+        text: TeacherReader | None = None,  # caption slots per image (text-to-image; y becomes a dict)
         needs_teacher: Callable[[int], bool] | None = None,  # step -> read teacher arrays? None = always
         batch_size: int | None = None,  # global batch size (see `layout`)
         rank: int = 0,  # this worker
@@ -129,6 +135,7 @@ class TrainDataset(Dataset):
         self.time_sampling = time_sampling
         self.path = path
         self.teacher = teacher
+        self.text = text
         self.teachers = (list(teacher) if isinstance(teacher, Sequence) else [teacher]) if teacher is not None else []
         self.needs_teacher = needs_teacher
         self.teacher_reads = 0  # calls of the teacher reader (in this process)
@@ -223,10 +230,14 @@ class TrainDataset(Dataset):
             t.append(sample_time(1, self.time_sampling, self.path, generator=g))
             drop.append(torch.rand(1, generator=g))
         x0 = (mean + std * torch.stack(noise)) * self.scale
-        y = torch.from_numpy(self.labels[idx])
-        y = torch.where(torch.cat(drop) < self.class_dropout, torch.full_like(y, self.num_classes), y)
-        if self.num_classes == 0:  # unconditional: the model reads no label
-            y = torch.zeros_like(y)
+        dropped = torch.cat(drop) < self.class_dropout
+        if self.text is not None:
+            y = self.caption_condition(idx, gens, dropped)
+        else:
+            y = torch.from_numpy(self.labels[idx])
+            y = torch.where(dropped, torch.full_like(y, self.num_classes), y)
+            if self.num_classes == 0:  # unconditional: the model reads no label
+                y = torch.zeros_like(y)
         batch = {
             "x0": x0, "eps": torch.stack(eps), "t": torch.cat(t).float(), "y": y,
             "index": torch.from_numpy(idx), "flip": torch.from_numpy(flip),
@@ -236,6 +247,18 @@ class TrainDataset(Dataset):
         if self.teacher is not None and teacher:
             batch["teacher"] = self.teacher_arrays(idx, flip)
         return batch
+
+    def caption_condition(self, idx: np.ndarray, gens: list[torch.Generator], dropped: torch.Tensor) -> dict:
+        """y of a text-to-image batch: per sample one of its own captions, drawn from its generator
+        (after everything else it draws, so the class-conditional streams are unchanged)."""
+        arrays = gather(self.text, idx)
+        count = np.asarray(arrays["count"], dtype=np.int64)
+        pick = np.array([int(torch.randint(int(c), (1,), generator=g)) for c, g in zip(count, gens, strict=True)])
+        rows = np.arange(len(idx))
+        return {"tokens": torch.from_numpy(np.asarray(arrays["tokens"])[rows, pick].astype(np.float32)),
+                "mask": torch.from_numpy(np.asarray(arrays["mask"])[rows, pick].astype(bool)),
+                "pooled": torch.from_numpy(np.asarray(arrays["pooled"])[rows, pick].astype(np.float32)),
+                "drop": dropped}
 
     def teacher_arrays(self, idx: np.ndarray | torch.Tensor, flip: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """{name: [b, ...]} teacher arrays of the samples `idx` [b] in their variants `flip` [b] (an item's

@@ -51,7 +51,7 @@ from pipeline.train.data import TrainDataset
 from pipeline.train.ema import EMA
 from pipeline.train.logging import MetricsLogger
 from pipeline.train.plan import LoopSettings
-from pipeline.train.step import learning_rate, train_step
+from pipeline.train.step import first_rows, learning_rate, to_device, train_step
 
 if TYPE_CHECKING:
     from pipeline.teachers.target_sources import TeacherSource
@@ -189,7 +189,7 @@ def probe_batch(dataset: TrainDataset, teacher_source, size: int, device: torch.
     the same samples."""
     item = dataset.item(PROBE_STEP, teacher=True)
     arrays = item.pop("teacher", None)
-    micro = {k: v[:size].to(device) for k, v in item.items()}
+    micro = to_device(first_rows(item, size), device)
     arrays = {k: v[:size].to(device) for k, v in arrays.items()} if arrays is not None else None
     return micro, teacher_source(arrays) if teacher_source is not None else None
 
@@ -318,7 +318,7 @@ def training_loop(
             arrays = batch.pop("teacher", None)
             if reads is not None and reads.take(step):  # deferred past a trigger check: read it here
                 arrays = dataset.teacher_arrays(batch["index"], batch["flip"])
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, device)
             needs = objective.needs_teacher(step)
             if needs and teacher_source is None:
                 raise ValueError(f"{type(objective).__name__} needs teacher targets at step {step} but no "

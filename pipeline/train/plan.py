@@ -40,6 +40,17 @@ class TeacherInfo(BaseModel):
     hidden_layer: int | None = None  # block whose input `hidden` is (cache = hidden)
 
 
+class TextInfo(BaseModel):
+    """The caption store as its stage recorded it (the text manifest's extra)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    encoder: str  # text.name
+    dim: int  # token width
+    length: int  # tokens per caption (padded)
+    captions_per_image: int  # caption slots per image
+
+
 class TrainPlan(BaseModel):
     """Everything `jobs.train.worker_main` needs, validated once in the job."""
 
@@ -51,6 +62,8 @@ class TrainPlan(BaseModel):
     teacher_store: Path | None  # the teacher stage's store.zarr (None: no alignment, or an online teacher)
     teacher: TeacherInfo | None  # the teacher's geometry (None: align = none)
     shards: tuple[Path, ...] = ()  # ingest shards, for an online teacher only
+    text_store: Path | None = None  # the text stage's store.zarr (text-to-image only)
+    text: TextInfo | None = None  # its geometry
     latent_scale: float  # the VAE's scaling factor, multiplied into every latent
     dataset_classes: int  # classes in the stores' labels
     model_kwargs: dict[str, Any]  # the backbone's constructor arguments (latent geometry + [model])

@@ -46,6 +46,17 @@ def learning_rate(step: int, lr: float, warmup_steps: int, cooldown_steps: int =
     return lr * scale
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every tensor of `batch` (nested dicts too: a text condition) on `device`, without waiting."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def first_rows(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first `n` samples of every tensor of `batch` (nested dicts too)."""
+    return {k: first_rows(v, n) if isinstance(v, dict) else v[:n] for k, v in batch.items()}
+
+
 def split_micro(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
     """Cut every tensor of `batch` (nested dicts too) into n equal parts along dim 0."""
     if n == 1:
