@@ -114,6 +114,9 @@ def aggregate(per_seed: list[list[dict]]) -> list[dict]:
                "kid": None, "kid_min": None, "kid_max": None}
         if all(isinstance(k, float) for k in kids):
             row.update(kid=sum(kids) / len(kids), kid_min=min(kids), kid_max=max(kids))
+        agreed = [p.get("agreement") for p in points]
+        if all(isinstance(a, float) for a in agreed):  # text-to-image with class-named prompts
+            row.update(agreement=sum(agreed) / len(agreed), agreement_min=min(agreed), agreement_max=max(agreed))
         out.append(row)
     return out
 
@@ -151,7 +154,8 @@ def _seconds(directory: Path) -> float:
 def stage_seconds(cfg: ExperimentConfig) -> dict:
     """Wall time of every stage the comparison ran, from the manifests: features (ingest, latents,
     teacher), the reference images' ingest, training, sampling and evaluation summed over the plan."""
-    out = {name: _seconds(layout.SPECS[name].directory(cfg)) for name in ("ingest", "latents", "teacher")}
+    out = {name: _seconds(layout.SPECS[name].directory(cfg)) for name in layout.stages(cfg)[:4]
+           if name in ("ingest", "latents", "teacher", "text")}
     if cfg.eval.reference in layout.REFERENCE_IMAGES:
         out["reference"] = _seconds(layout.SPECS["ingest"].directory(layout.holdout_config(cfg)))
     out["train"] = out["sample"] = out["evaluate"] = 0.0
@@ -180,7 +184,7 @@ def collect(cfg: ExperimentConfig, floor: dict | None = None) -> dict:
             per_seed.setdefault(ecfg.train.seed, []).append(
                 {"step": ecfg.sample.checkpoint, "images": ecfg.sample.checkpoint * batch, "fid": m["fid"],
                  "kid": m.get("kid"), "kid_std": m.get("kid_std"), "precision": m.get("precision"),
-                 "recall": m.get("recall")})
+                 "recall": m.get("recall"), "agreement": m.get("agreement")})
         known = [t for t in (_seconds(layout.SPECS["train"].directory(c)) for c in train_cfgs) if t]
         rows[method] = {"runs": [str(layout.SPECS["train"].directory(t)) for t in train_cfgs],
                         "seeds": list(per_seed), "per_seed": per_seed, "points": aggregate(list(per_seed.values())),
@@ -225,6 +229,10 @@ def table(result: dict) -> str:
     lines += ["", f"| KID x 1e3 | {cols} |", "|" + "---|" * (len(images) + 1)]
     for method, row in methods.items():
         lines.append(f"| {method} | " + " | ".join(_fmt_range(p, "kid", 1e3) for p in row["points"]) + " |")
+    if all("agreement" in p for row in methods.values() for p in row["points"]):
+        lines += ["", f"| prompt agreement % | {cols} |", "|" + "---|" * (len(images) + 1)]
+        for method, row in methods.items():
+            lines.append(f"| {method} | " + " | ".join(_fmt_range(p, "agreement", 100) for p in row["points"]) + " |")
     base_cols = " | ".join(f"{result['baseline']}'s {i / 1000:g}k-image FID" for i in images)
     lines += ["", f"| speed-up to reach | {base_cols} |", "|" + "---|" * (len(images) + 1)]
     for method, row in methods.items():
@@ -233,8 +241,10 @@ def table(result: dict) -> str:
     secs = result.get("seconds")
     if secs:
         ref = f", reference images {secs['reference']:.0f}" if "reference" in secs else ""
-        lines += ["", f"Time (stage manifests): features {secs['ingest'] + secs['latents'] + secs['teacher']:.0f} s "
-                      f"(ingest {secs['ingest']:.0f}, latents {secs['latents']:.0f}, teacher {secs['teacher']:.0f}){ref}, "
+        text = f", text {secs['text']:.0f}" if "text" in secs else ""
+        features = secs["ingest"] + secs["latents"] + secs["teacher"] + secs.get("text", 0.0)
+        lines += ["", f"Time (stage manifests): features {features:.0f} s "
+                      f"(ingest {secs['ingest']:.0f}, latents {secs['latents']:.0f}, teacher {secs['teacher']:.0f}{text}){ref}, "
                       f"training {secs['train']:.0f} s, sampling {secs['sample']:.0f} s, evaluation {secs['evaluate']:.0f} s; "
                       f"total {secs['total']:.0f} s."]
     floor = result.get("floor")

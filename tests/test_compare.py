@@ -64,3 +64,19 @@ def test_floor_is_fid_and_kid_of_the_two_halves():
     kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
     mmd = ((kaa.sum() - np.trace(kaa)) / 380 + (kbb.sum() - np.trace(kbb)) / 380 - 2 * kab.mean())
     assert got["kid"] == pytest.approx(mmd, rel=1e-9)
+
+
+def test_text_to_image_tables_the_prompt_agreement():
+    def points(fids, agreed):
+        return [{"step": i // 10, "images": i, "fid": f, "kid": None, "agreement": a}
+                for i, f, a in zip((100, 200), fids, agreed, strict=True)]
+
+    none = aggregate([points([50.0, 30.0], [0.20, 0.30]), points([54.0, 34.0], [0.30, 0.50])])
+    assert none[1]["agreement"] == pytest.approx(0.4) and none[1]["agreement_min"] == 0.3
+    haste = aggregate([points([40.0, 20.0], [0.5, 0.75])])
+    md = table({"baseline": "none", "methods": {
+        "none": {"seeds": [0, 1], "points": none, "train_seconds": 1.0, "speedup": speedups(none, none)},
+        "haste": {"seeds": [0], "points": haste, "train_seconds": 1.0, "speedup": speedups(none, haste)}}})
+    assert "| prompt agreement % |" in md and "| none | 25.0 (20.0-30.0) | 40.0 (30.0-50.0) |" in md
+    assert "| haste | 50.0 | 75.0 |" in md
+    assert "agreement" not in aggregate([_points([50.0, 30.0])])[0]  # class-conditional: no such column
