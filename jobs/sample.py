@@ -31,6 +31,7 @@ from jobs.layout import CAPTIONS
 from jobs.run import device_or_exit, load_text_encoder_or_exit, load_vae_or_exit, say, stage
 from jobs.stage import UsageError
 from pipeline import faults
+from pipeline.launch import fan_out
 from pipeline.models import build_model
 from pipeline.precision import autocast
 from pipeline.progress import progress_bar
@@ -139,12 +140,14 @@ def sample_prompts(cfg: ExperimentConfig, ingest_dir: Path) -> tuple[list[str], 
     return prompts, np.array([labels[keys[i]] for i in images], dtype=np.int64)
 
 
-def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
-    """Draw batches `todo` (indices into plan.batches) and save each as parts/batch-{i}.npz."""
+CPU_CHUNK = 50  # rows per model call when sampling on a CPU
+
+
+def draw(plan: DrawPlan, todo: list[int], device: torch.device, tick=None) -> int:
+    """Draw batches `todo` (indices into plan.batches) on `device` and save each as parts/batch-{i}.npz."""
 
     cfg = ExperimentConfig.model_validate(plan.config)
     s = cfg.sample
-    device = device_or_exit("sample.device", s.device, worker)
     model = load_run_model(Path(plan.run_dir), plan.train_extra, s.weights, device, s.checkpoint)
     vae = load_vae_or_exit(cfg, str(device))  # decode() takes the scaled latent
     num_classes = int(plan.train_extra["model_kwargs"]["num_classes"])
@@ -157,9 +160,18 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(s.precision, device):
-            return model(x, t, y).velocity.float()
+    # On a CPU, chunks of CPU_CHUNK rows per model call keep activations in cache (the demo's student:
+    # 433 ms for 500 rows in chunks of 50 against 620 ms in one call, bit-identical velocities).
+    chunk = CPU_CHUNK if device.type == "cpu" else None
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
+        cut = chunk or len(x)
+        parts = []
+        for i in range(0, len(x), cut):
+            yi = {k: v[i:i + cut] for k, v in y.items()} if isinstance(y, dict) else y[i:i + cut]
+            with autocast(s.precision, device):
+                parts.append(model(x[i:i + cut], t[i:i + cut], yi).velocity.float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     for i in todo:
         lo, hi = plan.batches[i]
@@ -180,18 +192,14 @@ def draw(plan: DrawPlan, todo: list[int], worker: int = 0, tick=None) -> int:
     return sum(plan.batches[i][1] - plan.batches[i][0] for i in todo)
 
 
-def _draw_ray(plan: DrawPlan, todo: list[int], num_workers: int, device: str, bar) -> None:
-    import ray  # only when asked for
+@dataclass(frozen=True)
+class DrawTask:
+    """fan_out's task function: draw a list of batches on the device the launcher gives."""
 
-    from pipeline.launch.ray import ray_session
+    plan: DrawPlan
 
-    with ray_session(max(num_workers, 1)):
-        gpus = 1 if device != "cpu" and torch.cuda.is_available() else 0
-        task = ray.remote(num_gpus=gpus, num_cpus=1)(draw)
-        pending = [task.remote(plan, todo[k::num_workers], k) for k in range(num_workers) if todo[k::num_workers]]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            bar.update(ray.get(ready[0]))
+    def __call__(self, todo: list[int], device: torch.device, threads: int) -> int:
+        return draw(self.plan, todo, device)
 
 
 def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> None:
@@ -228,10 +236,12 @@ def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
         bar = progress_bar(total=s.num, initial=sum(hi - lo for i, (lo, hi) in enumerate(batches) if i in done),
                    unit="img", desc="sample")
         try:
-            if todo and s.launcher == "ray":
-                _draw_ray(plan, todo, s.num_workers, s.device, bar)
+            if todo and s.launcher == "ray":  # the batches dealt round-robin to Ray tasks, one device each
+                groups = [todo[k::s.num_workers] for k in range(s.num_workers) if todo[k::s.num_workers]]
+                fan_out("ray", DrawTask(plan), groups, num_workers=s.num_workers, device=s.device,
+                        on_result=bar.update)
             elif todo:
-                draw(plan, todo, 0, tick=bar.update)
+                draw(plan, todo, device_or_exit("sample.device", s.device), tick=bar.update)
         finally:
             bar.close()
 

@@ -672,7 +672,7 @@ def fail_on_rank_one(config: dict) -> str:
 def test_local_launcher_raises_the_error_of_a_failed_rank():
     with pytest.raises(Exception, match="rank one broke"):
         launcher("local")(fail_on_rank_one, {}, num_workers=2, use_gpu=False)
-    assert current_context() == WorkerContext()
+    assert current_context() == WorkerContext(device=torch.device("cpu"))  # cleared: the default again
 
 
 @pytest.fixture

