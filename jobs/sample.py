@@ -37,6 +37,7 @@ from pipeline.precision import autocast
 from pipeline.progress import progress_bar
 from pipeline.sampling import image_grid, sample_labels, samples_to_uint8
 from pipeline.sampling import sample as run_sampler
+from pipeline.sampling.images import captioned_grid
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_npz
 from pipeline.stores.npz import open_npz_array, write_npz_streamed
 from schemas.config import ExperimentConfig
@@ -253,9 +254,11 @@ def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
             "arr_1": ((s.num,), np.int64, [labels.astype(np.int64)]),
         })
         images = open_npz_array(run.path / "samples.npz", "arr_0")
-        atomic_write_bytes(run.path / "grid.png", image_grid(images))
-        if prompts:  # the grid's cells in reading order are the first prompts
+        if prompts:  # the first 16 samples with their prompts under them; every prompt in prompts.txt
+            atomic_write_bytes(run.path / "grid.png", captioned_grid(np.asarray(images[:16]), prompts[:16]))
             atomic_write_bytes(run.path / "prompts.txt", ("\n".join(prompts) + "\n").encode())
+        else:
+            atomic_write_bytes(run.path / "grid.png", image_grid(images))
         shutil.rmtree(parts)
         for old in run.path.glob(".parts-*"):
             shutil.rmtree(old, ignore_errors=True)

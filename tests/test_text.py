@@ -263,3 +263,23 @@ def test_text_to_image_trains_samples_from_typed_prompts_and_scores(tmp_path, al
     assert out.returncode == 0, out.stderr[-2000:]
     drawn = next((tmp_path / "w" / "runs").glob("*/samples/prompts.txt"))
     assert drawn.read_text().split("\n")[:4] == ["a photo of a sneaker.", "a photo of a bag."] * 2
+
+
+def test_captioned_grid_puts_each_prompt_under_its_image():
+    import io
+
+    from PIL import Image
+
+    from pipeline.sampling.images import captioned_grid
+
+    images = np.zeros((6, 32, 32, 3), np.uint8)
+    images[:, :, :, 0] = 200  # red cells
+    png = captioned_grid(images, [f"a photo of a thing number {i} " * 3 for i in range(6)], columns=3, rows=2,
+                         cell=64, lines=2)
+    grid = np.asarray(Image.open(io.BytesIO(png)))
+    assert grid.shape == (2 * (64 + 2 * 12 + 4), 3 * 64, 3)
+    assert (grid[:64, :64] == [200, 0, 0]).all()  # the first image, scaled to the cell
+    band = grid[64:64 + 28, :64]
+    assert (band != 255).any() and (band == 255).any()  # text drawn on the white band under it
+    blank = captioned_grid(images, [""] * 6, columns=3, rows=2, cell=64, lines=2)
+    assert (np.asarray(Image.open(io.BytesIO(blank)))[64:64 + 28] == 255).all()  # no prompt, no ink

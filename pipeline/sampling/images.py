@@ -28,3 +28,35 @@ def image_grid(images: np.ndarray, columns: int = 16) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(canvas).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def captioned_grid(images: np.ndarray, prompts: list[str], columns: int = 4, rows: int = 4, cell: int = 128,
+                   lines: int = 3) -> bytes:
+    """PNG bytes of the first columns x rows images, each scaled (nearest) to `cell` pixels wide with
+    its prompt wrapped under it in `lines` lines of PIL's built-in font (cut with "..." when longer)."""
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    n = min(len(images), len(prompts), columns * rows)
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    font = ImageFont.load_default()
+    line_h = 12
+    chars = max(8, cell // 6)  # the default font is about 6 px wide per character
+    h = int(round(images.shape[1] * cell / images.shape[2]))
+    canvas = Image.new("RGB", (columns * cell, rows * (h + lines * line_h + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k in range(n):
+        r, c = divmod(k, columns)
+        x, y = c * cell, r * (h + lines * line_h + 4)
+        canvas.paste(Image.fromarray(images[k]).resize((cell, h), Image.NEAREST), (x, y))
+        text = textwrap.wrap(prompts[k], chars) or [""]
+        if len(text) > lines:
+            text = text[:lines]
+            text[-1] = text[-1][: chars - 3] + "..."
+        for i, line in enumerate(text):
+            draw.text((x + 2, y + h + 2 + i * line_h), line, fill="black", font=font)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
