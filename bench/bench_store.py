@@ -8,8 +8,10 @@
        Fashion-MNIST images at 224 px (skipped with a note when the weights are not cached).
 2. Per compression: StoreWriter.write_range throughput (tensorstore write, sha256, fsync, publish)
    and shuffled sorted batches read through each StoreReader engine: the direct shard reader (what
-   training uses), tensorstore, and zarr-python's `oindex` (the format's reference); one batch at a
-   time, and all batches in flight at once.
+   training uses), tensorstore, and zarr-python's `oindex` (the format's reference), beside a plain
+   `tensorstore.open(...)[indices].read()` of the same array (`tensorstore_vs_direct`: our tensorstore
+   path against it); one batch at a time in three rounds over the same batches (`*_rounds`: whether
+   a round is as fast as the one before), and all batches in flight at once.
 Prints JSON lines. Usage: python bench/bench_store.py [--num 2048 --batch 256 --tokens 256 --dim 768]
 """
 
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tensorstore as ts
 from numcodecs import Blosc
 
 from pipeline.stores.zarr_store import BLOSC_LEVEL, ArraySpec, StoreReader, StoreWriter
@@ -77,7 +80,8 @@ def compression_row(name: str, data: np.ndarray) -> dict:
             "encode_MiB_per_s": round(raw / enc, 1), "decode_MiB_per_s": round(raw / dec, 1)}
 
 
-def io_row(root: Path, data: np.ndarray, num: int, per_shard: int, batch: int, reads: int, compression: str) -> dict:
+def io_row(root: Path, data: np.ndarray, num: int, per_shard: int, batch: int, reads: int, compression: str,
+           rounds_n: int = 3) -> dict:
     rng = np.random.default_rng(1)
     spec = ArraySpec("tokens", data.shape[1:], "float16")
     writer = StoreWriter(root / f"{compression}.zarr", num, [spec], per_shard, compression=compression)
@@ -93,18 +97,34 @@ def io_row(root: Path, data: np.ndarray, num: int, per_shard: int, batch: int, r
     row = {"bench": "store_io", "compression": compression, "num": num, "batch": batch,
            "sample_shape": list(data.shape[1:]), "disk_MiB": round(disk / 2**20, 1),
            "write_samples_per_s": round(num / write_s, 1)}
-    for engine in ("shard", "tensorstore", "zarr"):
+    direct = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / f"{compression}.zarr" /
+                                                                                    "tokens")}}).result()
+    for engine in ("shard", "tensorstore", "direct-tensorstore", "zarr"):
         few = batches if engine != "zarr" else batches[: max(1, reads // 5)]  # zarr-python is slow
-        reader.read("tokens", batches[0], engine=engine)  # open the array
-        t0 = time.perf_counter()
-        for idx in few:
-            reader.read("tokens", idx, engine=engine)
-        row[f"read_{engine}_samples_per_s"] = round(len(few) * batch / (time.perf_counter() - t0), 1)
+        if engine == "direct-tensorstore":  # tensorstore on its own, the yardstick of our tensorstore path
+            def read(idx):
+                return direct[idx].read().result()
+        else:
+            def read(idx, engine=engine):
+                return reader.read("tokens", idx, engine=engine)
+        read(batches[0])  # open the array
+        rounds = []
+        for _ in range(rounds_n):  # the same batches again: is a round as fast as the one before?
+            t0 = time.perf_counter()
+            for idx in few:
+                read(idx)
+            rounds.append(round(len(few) * batch / (time.perf_counter() - t0), 1))
+        row[f"read_{engine}_samples_per_s"] = rounds[-1]
+        row[f"read_{engine}_rounds"] = rounds
+        if engine in ("zarr", "direct-tensorstore"):
+            continue
         if engine != "zarr":  # every batch in flight at once
             t0 = time.perf_counter()
             for pending in [reader.read_async("tokens", idx, engine=engine) for idx in few]:
                 pending.result()
             row[f"read_{engine}_inflight_samples_per_s"] = round(len(few) * batch / (time.perf_counter() - t0), 1)
+    row["tensorstore_vs_direct"] = round(row["read_tensorstore_samples_per_s"] /
+                                         row["read_direct-tensorstore_samples_per_s"], 3)
     return row
 
 
