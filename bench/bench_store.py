@@ -10,8 +10,8 @@
    and shuffled sorted batches read through each StoreReader engine: the direct shard reader (what
    training uses), tensorstore, and zarr-python's `oindex` (the format's reference), beside a plain
    `tensorstore.open(...)[indices].read()` of the same array (`tensorstore_vs_direct`: our tensorstore
-   path against it); one batch at a time in three rounds over the same batches (`*_rounds`: whether
-   a round is as fast as the one before), and all batches in flight at once.
+   path against it); one batch at a time in three rounds over the same batches with the engines
+   interleaved in each round (`*_rounds`; the median is reported), and all batches in flight at once.
 Prints JSON lines. Usage: python bench/bench_store.py [--num 2048 --batch 256 --tokens 256 --dim 768]
 """
 
@@ -99,30 +99,31 @@ def io_row(root: Path, data: np.ndarray, num: int, per_shard: int, batch: int, r
            "write_samples_per_s": round(num / write_s, 1)}
     direct = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / f"{compression}.zarr" /
                                                                                     "tokens")}}).result()
-    for engine in ("shard", "tensorstore", "direct-tensorstore", "zarr"):
-        few = batches if engine != "zarr" else batches[: max(1, reads // 5)]  # zarr-python is slow
+    engines = ("shard", "tensorstore", "direct-tensorstore", "zarr")
+
+    def reader_of(engine):
         if engine == "direct-tensorstore":  # tensorstore on its own, the yardstick of our tensorstore path
-            def read(idx):
-                return direct[idx].read().result()
-        else:
-            def read(idx, engine=engine):
-                return reader.read("tokens", idx, engine=engine)
-        read(batches[0])  # open the array
-        rounds = []
-        for _ in range(rounds_n):  # the same batches again: is a round as fast as the one before?
-            t0 = time.perf_counter()
+            return lambda idx: direct[idx].read().result()
+        return lambda idx: reader.read("tokens", idx, engine=engine)
+
+    rounds: dict[str, list[float]] = {e: [] for e in engines}
+    for e in engines:
+        reader_of(e)(batches[0])  # open the array
+    for _ in range(rounds_n):  # engines interleaved within each round, so that drift hits them alike
+        for engine in engines:
+            few = batches if engine != "zarr" else batches[: max(1, reads // 5)]  # zarr-python is slow
+            read, t0 = reader_of(engine), time.perf_counter()
             for idx in few:
                 read(idx)
-            rounds.append(round(len(few) * batch / (time.perf_counter() - t0), 1))
-        row[f"read_{engine}_samples_per_s"] = rounds[-1]
-        row[f"read_{engine}_rounds"] = rounds
-        if engine in ("zarr", "direct-tensorstore"):
-            continue
-        if engine != "zarr":  # every batch in flight at once
-            t0 = time.perf_counter()
-            for pending in [reader.read_async("tokens", idx, engine=engine) for idx in few]:
-                pending.result()
-            row[f"read_{engine}_inflight_samples_per_s"] = round(len(few) * batch / (time.perf_counter() - t0), 1)
+            rounds[engine].append(round(len(few) * batch / (time.perf_counter() - t0), 1))
+    for engine in engines:
+        row[f"read_{engine}_samples_per_s"] = round(float(np.median(rounds[engine])), 1)
+        row[f"read_{engine}_rounds"] = rounds[engine]
+    for engine in ("shard", "tensorstore"):  # every batch in flight at once
+        t0 = time.perf_counter()
+        for pending in [reader.read_async("tokens", idx, engine=engine) for idx in batches]:
+            pending.result()
+        row[f"read_{engine}_inflight_samples_per_s"] = round(len(batches) * batch / (time.perf_counter() - t0), 1)
     row["tensorstore_vs_direct"] = round(row["read_tensorstore_samples_per_s"] /
                                          row["read_direct-tensorstore_samples_per_s"], 3)
     return row
