@@ -154,7 +154,7 @@ def _seconds(directory: Path) -> float:
 def stage_seconds(cfg: ExperimentConfig) -> dict:
     """Wall time of every stage the comparison ran, from the manifests: features (ingest, latents,
     teacher), the reference images' ingest, training, sampling and evaluation summed over the plan."""
-    out = {name: _seconds(layout.SPECS[name].directory(cfg)) for name in layout.stages(cfg)[:4]
+    out = {name: _seconds(layout.SPECS[name].directory(cfg)) for name in layout.stages(cfg)
            if name in ("ingest", "latents", "teacher", "text")}
     if cfg.eval.reference in layout.REFERENCE_IMAGES:
         out["reference"] = _seconds(layout.SPECS["ingest"].directory(layout.holdout_config(cfg)))

@@ -115,9 +115,10 @@ class RangeTask:
     job: StoreJob
     extractor: Extractor
     tick: Callable[[int], None] | None = None  # per-batch progress, in the calling process only
+    index: ShardIndex | None = None  # the caller's index, in the calling process only (else rebuilt from the shards)
 
     def __call__(self, ranges: list[tuple[int, int]], device: torch.device, threads: int) -> int:
-        index = ShardIndex(list(self.job.shards))
+        index = self.index or ShardIndex(list(self.job.shards))
         self.extractor.setup(device)
         compute_ranges(self.job, index, self.extractor, device, ranges, self.tick)
         return sum(stop - start for start, stop in ranges)
@@ -150,7 +151,7 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
     begin = time.perf_counter()
     bar = progress_bar(total=total, unit="img", desc=desc, disable=total == 0)
     in_process = launcher == "local" and (num_workers == 1 or len(todo) == 1)
-    task = RangeTask(job, extractor, tick=bar.update if in_process else None)
+    task = RangeTask(job, extractor, tick=bar.update if in_process else None, index=index if in_process else None)
     try:  # in this process: one task of every range (publication overlaps compute); else one per range
         fan_out(launcher, task, [todo] if in_process else [[r] for r in todo], num_workers=num_workers,
                 device=device, on_result=None if in_process else bar.update)

@@ -190,7 +190,7 @@ def probe_batch(dataset: TrainDataset, teacher_source, size: int, device: torch.
     item = dataset.item(PROBE_STEP, teacher=True)
     arrays = item.pop("teacher", None)
     micro = to_device(first_rows(item, size), device)
-    arrays = {k: v[:size].to(device) for k, v in arrays.items()} if arrays is not None else None
+    arrays = to_device(first_rows(arrays, size), device) if arrays is not None else None
     return micro, teacher_source(arrays) if teacher_source is not None else None
 
 
