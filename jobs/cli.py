@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from jobs.stage import UsageError
+from pipeline.stores.objects import ObjectStoreError, ObjectURL, check_access, is_url
 from schemas.loading import ConfigError, load_config
 
 app = typer.Typer(
@@ -53,12 +54,14 @@ def _command(config: str | None, overrides: list[str] | None, check: bool = Fals
     """
     try:
         cfg = load_config(config, overrides or []) if config is not None else None
+        if cfg is not None and is_url(cfg.workdir):
+            check_access(ObjectURL.parse(cfg.workdir))  # wrong credentials or endpoint: one line, before any work
         if cfg is not None and check:
             from jobs.checks import check_config
 
             check_config(cfg)
         yield cfg
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, ObjectStoreError) as exc:
         _fail(2, str(exc))
     except KeyboardInterrupt:
         _fail(1, "interrupted; rerun the same command to resume")
@@ -263,8 +266,10 @@ def status(
 
     def show(cfg):
         from jobs.layout import states, variants
+        from jobs.run import pull_all
         from jobs.stage import probe_warning
 
+        pull_all(cfg, bulk=deep)
         found = states(cfg, deep=deep)
         rows = [s.as_json() for s in found.values()]
         if as_json:

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from jobs import layout
-from jobs.run import say
+from jobs.run import publish, say
 from jobs.stage import UsageError
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_json
 from schemas.config import ExperimentConfig
@@ -291,7 +291,7 @@ def plot(result: dict) -> bytes:
 def summarise(cfg: ExperimentConfig, floor: dict | None = None) -> Path:
     """Write compare.md / compare.png / compare.json under {workdir}/compare and print the table."""
     result = collect(cfg, floor)
-    out = Path(cfg.workdir) / "compare"
+    out = layout.workdir(cfg) / "compare"
     md = table(result)
     lines = [
         f"# Alignment comparison: {result['model']}, teacher {result['teacher']}",
@@ -310,6 +310,7 @@ def summarise(cfg: ExperimentConfig, floor: dict | None = None) -> Path:
     atomic_write_bytes(out / "compare.md", "\n".join(lines).encode())
     atomic_write_bytes(out / "compare.png", plot(result))
     atomic_write_json(out / "compare.json", result)
+    publish(cfg, out / "compare.md", out / "compare.png", out / "compare.json")
     print(md, flush=True)
     say("compare", f"-> {out / 'compare.md'}, {out / 'compare.png'}")
     return out

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from jobs.run import KEY_WIDTH, device_or_exit, load_vae_or_exit, say, shard_paths, stage, store_outputs
+from jobs.run import (
+    KEY_WIDTH,
+    device_or_exit,
+    load_vae_or_exit,
+    remote_copy,
+    say,
+    shard_paths,
+    stage,
+    store_outputs,
+)
 from jobs.stage import UsageError
 from pipeline.launch.ranges import StoreJob, run_store_job
 from pipeline.precision import autocast
@@ -75,7 +84,7 @@ def encode(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
                  "fingerprint": run.fingerprint}
         store_job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
                              cfg.stores.samples_per_shard, attrs, cfg.vae.batch_size, KEY_WIDTH,
-                             cfg.stores.compression)
+                             cfg.stores.compression, remote=remote_copy(cfg))
         run.expect(len(index) * sum(s.nbytes for s in specs))
         say("latents", f"{len(index)} images {res}px -> moments {list(latent)} with {cfg.vae.name} "
                        f"(scaling factor {vae.scaling_factor})")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs import layout
-from jobs.run import device_or_exit, say, shard_paths, stage
+from jobs.run import device_or_exit, publish, say, shard_paths, stage
 from jobs.stage import UsageError, canonical_json
 from pipeline.metrics import frechet_distance
 from pipeline.metrics.features import ShardImages, inception_features
@@ -138,7 +138,7 @@ def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict,
     key = hashlib.sha256(canonical_json({"images": manifest.fingerprint, "inception": e.inception,
                                          "limit": e.reference_limit if e.reference == "ingest" else 0})
                          .encode()).hexdigest()[:16]
-    cache = Path(cfg.workdir) / "reference" / f"stats-{key}.npz"
+    cache = layout.workdir(cfg) / "reference" / f"stats-{key}.npz"
     if cache.is_file():
         with np.load(cache) as z:
             data = {k: z[k] for k in z.files}
@@ -150,6 +150,7 @@ def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict,
                           keep_pool=MAX_PR_REFERENCE, logits=False)
         data = {k: feats[k] for k in ("mu", "sigma", "mu_s", "sigma_s")} | {"pool": feats["pool"].astype(np.float32)}
         atomic_write_npz(cache, **data)
+        publish(cfg, cache)
     pool = data.pop("pool")
     return data, pool, f"{shards_dir} ({len(pool)} images for precision/recall)"
 
@@ -161,7 +162,7 @@ def reference_floor(cfg: ExperimentConfig) -> dict:
     key = hashlib.sha256(canonical_json({k: getattr(e, k) for k in ("reference", "reference_offset", "reference_limit",
                                                                    "reference_source", "reference_path", "inception")}
                                         | {"fingerprint": _reference_fingerprint(cfg)}).encode()).hexdigest()[:16]
-    cache = Path(cfg.workdir) / "reference" / f"floor-{key}.json"
+    cache = layout.workdir(cfg) / "reference" / f"floor-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     device = device_or_exit("eval.device", e.device)
@@ -177,6 +178,7 @@ def reference_floor(cfg: ExperimentConfig) -> dict:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     atomic_write_json(cache, result)
+    publish(cfg, cache)
     return result
 
 

@@ -24,7 +24,10 @@ from pathlib import Path
 from jobs.stage import StageSpec, StageState, canonical_json, evaluate_state, lookup
 from pipeline.progress import progress_bar
 from pipeline.stores.checksum import sha256_file
+from pipeline.stores.mirror import WorkingCopy
+from pipeline.stores.objects import is_url
 from pipeline.stores.zarr_store import StoreReader
+from pipeline.stores.zarr_verify import file_size
 from schemas.config import ExperimentConfig, TrainConfig
 from schemas.manifest import Manifest
 
@@ -129,10 +132,11 @@ def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | No
     for entry in manifest.outputs:
         if entry.kind in ("shard", "file"):
             path = directory / entry.name
-            if not path.is_file():
+            size = file_size(path)
+            if size is None:
                 return f"{path} is missing"
-            if entry.bytes and path.stat().st_size != entry.bytes:
-                return f"{path} has {path.stat().st_size} bytes, manifest says {entry.bytes}"
+            if entry.bytes and size != entry.bytes:
+                return f"{path} has {size} bytes, manifest says {entry.bytes}"
             if deep and not entry.sha256:
                 return f"{path} was recorded without a checksum; rerun its stage with --force to add one"
             to_hash.append((path, entry.sha256))
@@ -146,6 +150,8 @@ def _outputs_verify(manifest: Manifest, directory: Path, deep: bool) -> str | No
                     return str(exc)
                 if digests.get(entry.name) != entry.sha256:
                     return f"array {entry.name} of {store} is not the one the manifest records (its shard checksums differ)"
+    if deep and any(not p.is_file() for p, _ in to_hash):
+        return f"{directory} is on object storage: `repa status --deep` pulls its files to hash them"
     if deep and to_hash:
         with progress_bar(total=sum(p.stat().st_size for p, _ in to_hash), unit="B", unit_scale=True,
                       desc=f"sha256 {directory.name}", leave=False, disable=None) as bar:
@@ -175,7 +181,8 @@ def holdout_config(cfg: ExperimentConfig) -> ExperimentConfig:
     images eval.reference_offset .. + eval.reference_limit."""
     e = cfg.eval
     held = cfg.model_copy(deep=True)
-    held.workdir = str(Path(cfg.workdir) / "reference" / e.reference)
+    held.workdir = (f"{cfg.workdir.rstrip('/')}/reference/{e.reference}" if is_url(cfg.workdir)
+                    else str(Path(cfg.workdir) / "reference" / e.reference))
     if e.reference == "source":
         held.data.source = e.reference_source or cfg.data.source
         held.data.path = e.reference_path
@@ -183,8 +190,22 @@ def holdout_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return held
 
 
-def _workdir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.workdir)
+# First-level subdirectories of a stage's output that are other stages' outputs (a run's samples and eval).
+NESTED = {"train": ("samples", "eval")}
+
+
+def working_copy(cfg: ExperimentConfig) -> WorkingCopy | None:
+    """The local working copy of an object-store workdir (pipeline.stores.mirror), None for a local one."""
+    return WorkingCopy.of(cfg.workdir) if is_url(cfg.workdir) else None
+
+
+def workdir(cfg: ExperimentConfig) -> Path:
+    """The local directory the stages read and write: the workdir, or its working copy."""
+    copy = working_copy(cfg)
+    return copy.root if copy is not None else Path(cfg.workdir)
+
+
+_workdir = workdir
 
 
 def _run_dir(cfg: ExperimentConfig) -> Path:

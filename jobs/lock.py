@@ -7,6 +7,15 @@ lock of a dead process never blocks. The holder writes who it is into the file (
 time, command), which is what a second invocation prints. Lock files live outside the output
 directories, so `--force` (which may delete an output directory) never unlinks a held lock.
 
+On an object-store workdir (`workdir = "s3://..."`) there is no flock: the lock is the object
+`{workdir}/.locks/....lock`, created with a conditional PUT (`If-None-Match: *`), so of two
+processes on any machines exactly one creates it. Its holder renews a lease in it every LEASE_S / 4
+seconds (a conditional PUT on the etag it holds) and deletes it at the end. A lock whose lease has
+run out (its holder died, or lost the network for LEASE_S), or whose holder is a dead process on this
+host, is taken over by a conditional PUT on the etag read, which again exactly one contender wins.
+What this guarantees: one writer per output while holders renew in time and clocks agree within a
+fraction of LEASE_S; a holder that cannot renew stops its stage rather than write beside a new holder.
+
 Only the stage functions take it (`with jobs.run.stage(...)`); read-only commands (`status`, `report`) never do.
 Under torchrun only rank 0 takes it (every rank runs the stage function; rank 0 is the writer of
 record); under Ray the driver, which runs the stage function, holds it.
@@ -14,12 +23,15 @@ record); under Ray the driver, which runs the stage function, holds it.
 
 from __future__ import annotations
 
+import _thread
 import datetime as _dt
 import fcntl
 import json
 import os
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +49,9 @@ class StageBusy(UsageError):
 
 def lock_path(cfg: ExperimentConfig, directory: Path) -> Path:
     """The lock file of the output directory `directory` of a stage of `cfg`."""
-    workdir = Path(cfg.workdir).resolve()
+    from jobs.layout import workdir as local_workdir
+
+    workdir = local_workdir(cfg).resolve()
     directory = Path(directory).resolve()
     try:
         name = directory.relative_to(workdir).as_posix()
@@ -90,3 +104,105 @@ def hold(path: Path, what: str, *, wait: bool = False, say: Callable[[str], None
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the flock
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   On object storage
+# ----------------------------------------------------------------------------------------------
+
+LEASE_S = float(os.environ.get("REPA_LOCK_LEASE_S", "60"))  # a holder that has not renewed for this long is dead
+
+
+def _record() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}
+
+
+def _dead(holder: dict[str, Any] | None) -> bool:
+    """Whether a lock object's holder is gone: its lease ran out, or it is a dead process on this host."""
+    if not holder or time.time() > float(holder.get("expires", 0)):
+        return True
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError):
+            return False
+    return False
+
+
+@contextmanager
+def hold_object(copy: Any, path: Path, what: str, *, wait: bool = False,
+                say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock object of `path` (a lock file of the working copy `copy`) for the block."""
+    from pipeline.stores.objects import PreconditionFailed, delete, get_bytes, put_bytes
+
+    url, rel = copy.objects, copy.rel(path)
+    record = _record()
+
+    def body() -> bytes:
+        return json.dumps(record | {"expires": time.time() + LEASE_S}).encode()
+
+    told = False
+    while True:
+        try:
+            etag = put_bytes(url, rel, body(), if_none_match=True)
+            break
+        except PreconditionFailed:
+            pass
+        try:
+            raw, seen = get_bytes(url, rel)
+            holder = json.loads(raw) if raw.strip() else None
+        except FileNotFoundError:
+            continue  # released between the two requests
+        except ValueError:
+            holder, seen = None, ""
+        if _dead(holder):
+            try:
+                etag = put_bytes(url, rel, body(), if_match=seen)
+                if say is not None:
+                    say(f"took over the lock of {describe(holder)}, which is gone")
+                break
+            except (PreconditionFailed, FileNotFoundError):
+                continue  # another contender took it, or it was released: look again
+        if not wait:
+            raise StageBusy(f"{what} is being written by {describe(holder)}; wait for it to finish, or rerun with "
+                            "--wait to wait for it")
+        if say is not None and not told:
+            say(f"waiting for {describe(holder)}, which is writing {what}")
+            told = True
+        time.sleep(min(2.0, LEASE_S / 8))
+
+    lost = threading.Event()
+    stop = threading.Event()
+
+    def renew() -> None:
+        nonlocal etag
+        while not stop.wait(LEASE_S / 4):
+            try:
+                etag = put_bytes(url, rel, body(), if_match=etag)
+            except PreconditionFailed:
+                lost.set()
+                _thread.interrupt_main()  # another process holds it now: stop writing
+                return
+            except Exception:  # a network blip: the next renewal retries, the lease covers the gap
+                continue
+
+    renewer = threading.Thread(target=renew, name="lock-lease", daemon=True)
+    renewer.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if lost.is_set():
+            raise StageBusy(f"{what}: this process lost its lock (its lease ran out); its output is left for a rerun "
+                            "to resume") from None
+        raise
+    finally:
+        stop.set()
+        renewer.join()
+        try:
+            delete(url, rel, if_match=etag)
+        except PreconditionFailed:
+            pass  # no longer ours

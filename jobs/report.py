@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from jobs import layout
-from jobs.run import say
+from jobs.run import publish, pull_all, say
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_text
 from schemas.config import ExperimentConfig
 
@@ -59,6 +59,7 @@ def plot_curves(rows: list[dict], title: str) -> bytes | None:
 
 
 def report(cfg: ExperimentConfig) -> None:
+    pull_all(cfg)
     states = layout.states(cfg)
     run_dir = states["train"].path
     lines = [f"# {layout.run_name(cfg)}", "", "| stage | state | path |", "|---|---|---|"]
@@ -92,6 +93,7 @@ def report(cfg: ExperimentConfig) -> None:
         lines += ["", "Note: the teacher is a random-init DINOv2 (offline stand-in), not real DINOv2 features."]
     if run_dir.is_dir():
         atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+        publish(cfg, run_dir / "report.md", run_dir / "loss.png")
         say("report", f"{run_dir / 'report.md'}")
     if headline:
         print(f"{', '.join(headline)}  |  samples: {grid}")

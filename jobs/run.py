@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from jobs import layout
-from jobs.lock import hold, lock_path
+from jobs.lock import hold, hold_object, lock_path
 from jobs.stage import (
     StageSpec,
     StageState,
@@ -31,8 +31,9 @@ from jobs.stage import (
 )
 from pipeline import faults
 from pipeline.stores.checksum import sha256_file
+from pipeline.stores.mirror import WorkingCopy
 from schemas.config import ExperimentConfig
-from schemas.manifest import Manifest, OutputEntry
+from schemas.manifest import MANIFEST_NAME, Manifest, OutputEntry
 
 KEY_WIDTH = 64  # characters of a sample key in the stores' `keys` array
 
@@ -105,12 +106,24 @@ def stage(name: str, cfg: ExperimentConfig, force: bool = False, wait: bool = Fa
     resumes.
     """
     directory = layout.SPECS[name].directory(cfg)
+    copy = layout.working_copy(cfg)
     try:
         with contextlib.ExitStack() as held:
             if int(os.environ.get("RANK", "0")) == 0:
-                held.enter_context(hold(lock_path(cfg, directory), f"stage {name} ({directory})", wait=wait,
-                                        say=lambda m: say(name, m)))
-            yield begin(name, cfg, force)
+                what = f"stage {name} ({cfg.workdir if copy else directory})"
+                lock = (hold(lock_path(cfg, directory), what, wait=wait, say=lambda m: say(name, m)) if copy is None
+                        else hold_object(copy, lock_path(cfg, directory), what, wait=wait, say=lambda m: say(name, m)))
+                held.enter_context(lock)
+            if copy is not None:
+                pull_state(name, cfg, copy)
+            run = begin(name, cfg, force)
+            if copy is not None and run is not None:
+                copy.forget(directory / MANIFEST_NAME)  # a crash from here on leaves the stage 'missing' there too
+                pull_inputs(name, cfg, copy)
+            yield run
+            if copy is not None and run is not None:
+                say(name, f"publishing to {copy.url}/{copy.rel(directory)}")
+                copy.push(directory, exclude=layout.NESTED.get(name, ()))
     except OSError as exc:
         explained = explain_os_error(name, directory, exc)
         if explained is None:
@@ -118,6 +131,58 @@ def stage(name: str, cfg: ExperimentConfig, force: bool = False, wait: bool = Fa
         raise explained from exc
     finally:
         _ACTIVE.pop(name, None)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                Object-store workdirs (pipeline.stores.mirror)
+# ----------------------------------------------------------------------------------------------
+
+# The upstream outputs a stage reads whole (pulled with their bulk files); every other upstream output
+# is pulled without them (manifests, metadata), and training reads the stores' shard files in place.
+BULK_INPUTS = {"latents": ("ingest",), "teacher": ("ingest",), "text": ("ingest",), "sample": ("train",),
+               "evaluate": ("ingest",)}
+
+
+def pull_state(name: str, cfg: ExperimentConfig, copy: WorkingCopy) -> None:
+    """Pull what decides whether stage `name` is up to date: the manifests and metadata of every stage up
+    to it (and of the reference images for evaluate), without bulk files."""
+    order = layout.stages(cfg)
+    for up in order[: order.index(name) + 1] if name in order else (name,):
+        copy.pull(layout.SPECS[up].directory(cfg), bulk=False, exclude=layout.NESTED.get(up, ()))
+    if name == "evaluate":
+        copy.pull(layout.workdir(cfg) / "reference", bulk=False)
+
+
+def pull_all(cfg: ExperimentConfig, bulk: bool = False) -> None:
+    """For the read-only commands (status, report): pull every stage's state (`bulk`: and data, to
+    hash it) when the workdir is on object storage."""
+    copy = layout.working_copy(cfg)
+    if copy is not None:
+        for name in layout.stages(cfg):
+            copy.pull(layout.SPECS[name].directory(cfg), bulk=bulk, exclude=layout.NESTED.get(name, ()))
+
+
+def pull_inputs(name: str, cfg: ExperimentConfig, copy: WorkingCopy) -> None:
+    """Pull what stage `name` reads whole before it runs: its own output (to resume) and BULK_INPUTS."""
+    spec = layout.SPECS[name]
+    copy.pull(spec.directory(cfg), exclude=layout.NESTED.get(name, ()))
+    for up in BULK_INPUTS.get(name, ()):
+        if up in spec.inputs(cfg):
+            copy.pull(layout.SPECS[up].directory(cfg), exclude=layout.NESTED.get(up, ()))
+
+
+def remote_copy(cfg: ExperimentConfig) -> tuple[str, str] | None:
+    """(workdir URL, this machine's working copy) for tasks that may run on other machines, or None."""
+    copy = layout.working_copy(cfg)
+    return (copy.url, str(copy.root)) if copy is not None else None
+
+
+def publish(cfg: ExperimentConfig, *paths: Path) -> None:
+    """Publish files written outside a stage's output directory (reference caches, reports) when the
+    workdir is on object storage; nothing on a local workdir."""
+    copy = layout.working_copy(cfg)
+    if copy is not None:
+        copy.push_files(paths)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from jobs.run import KEY_WIDTH, device_or_exit, say, shard_paths, stage, store_outputs
+from jobs.run import KEY_WIDTH, device_or_exit, remote_copy, say, shard_paths, stage, store_outputs
 from jobs.stage import UsageError
 from pipeline.launch.ranges import StoreJob, run_store_job
 from pipeline.precision import autocast
@@ -166,7 +166,7 @@ def teacher(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> N
         specs += [ArraySpec("labels", (), "int64"), ArraySpec("keys", (), f"<U{KEY_WIDTH}")]
         store_job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
                              cfg.stores.samples_per_shard, {**info, "fingerprint": run.fingerprint}, t.batch_size, KEY_WIDTH,
-                             cfg.stores.compression)
+                             cfg.stores.compression, remote=remote_copy(cfg))
         per_image = sum(s.nbytes for s in specs if s.name != "keys")
         run.expect(len(index) * sum(s.nbytes for s in specs))
         say("teacher", f"{len(index)} images -> {t.name} {t.resolution}px, {grid[0]}x{grid[1]} tokens x {dim}, "

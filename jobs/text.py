@@ -26,6 +26,7 @@ from jobs.run import (
     KEY_WIDTH,
     device_or_exit,
     load_text_encoder_or_exit,
+    remote_copy,
     say,
     shard_paths,
     stage,
@@ -99,7 +100,7 @@ def text(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> None
                 "num_images": len(index), "num_captions": sum(len(captions[key]) for key in index.keys)}
         store_job = StoreJob(str(run.path / "store.zarr"), tuple(map(str, index.paths)), tuple(specs),
                              cfg.stores.samples_per_shard, {**info, "fingerprint": run.fingerprint}, t.batch_size,
-                             KEY_WIDTH, cfg.stores.compression)
+                             KEY_WIDTH, cfg.stores.compression, remote=remote_copy(cfg))
         run.expect(len(index) * sum(s.nbytes for s in specs))
         say("text", f"{info['num_captions']} captions of {len(index)} images -> {t.name} ({t.weights}): {k} x "
                     f"{length} tokens x {dim} per image")

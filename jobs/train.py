@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs import layout
 from jobs.checks import check_manifests, model_kwargs
-from jobs.run import load_vae_or_exit, say, shard_paths, stage
+from jobs.run import load_vae_or_exit, remote_copy, say, shard_paths, stage
 from jobs.stage import UsageError, probe_warning
+from pipeline.stores.mirror import WorkingCopy
 from pipeline.train.plan import LoopSettings, TeacherInfo, TextInfo, TrainPlan
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry, read_manifest
@@ -174,7 +176,14 @@ def worker_main(plan: TrainPlan) -> dict:
     from pipeline.train.data import TrainDataset
     from pipeline.train.loop import training_loop
 
+    plan = plan.on_this_machine()
     cfg, info, worker = plan.config, plan.teacher, current_context()
+    copy = WorkingCopy.of(plan.remote[0]) if plan.remote and worker.rank == 0 else None  # this machine's
+
+    def publish_run(_checkpoint: Path | None = None) -> None:  # rank 0, object storage: what a rerun resumes from
+        if copy is not None:
+            copy.push(plan.run_dir, exclude=layout.NESTED["train"])
+
     t, objective = cfg.train, objective_class(cfg.train.align)
     latents = StoreReader(plan.latents_store)
     moments = _moment_readers(latents)
@@ -212,9 +221,11 @@ def worker_main(plan: TrainPlan) -> dict:
         if worker.rank == 0 and t.grid and plan.text is None else None,  # (text-to-image: grids from `repa sample`)
         trigger=build_trigger(objective, cfg.align),
         metadata={"model": cfg.model.name, "model_kwargs": json.dumps(plan.model_kwargs)},
+        on_checkpoint=publish_run if copy is not None else None,
     )
     if worker.rank == 0:
         atomic_write_bytes(plan.run_dir / RESULT, json.dumps(result, indent=2).encode())
+        publish_run()
     return result
 
 
@@ -247,7 +258,7 @@ def train(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> Non
             latent_scale=float(latents.extra["scaling_factor"]), dataset_classes=int(latents.extra["num_classes"]),
             model_kwargs=kwargs, resume="never" if force else "auto",
             text_store=(run.upstream["text"].path / "store.zarr").resolve() if text else None,
-            text=TextInfo.model_validate(text.extra) if text else None)
+            text=TextInfo.model_validate(text.extra) if text else None, remote=remote_copy(cfg))
         say("train", f"{cfg.model.name} {kwargs} align={t.align} on {latents.extra['num_images']} latents, "
                      f"{t.total_steps} steps x batch {t.batch_size}, {t.launcher} x {t.num_workers} -> {run_dir}")
         if teacher and teacher.extra.get("weights") == "random":
@@ -268,6 +279,8 @@ def train(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> Non
             raise UsageError(str(exc)) from None
         if t.launcher == "torchrun" and int(os.environ.get("RANK", "0")) != 0:
             return  # rank 0 writes the manifest
+        if plan.remote is not None:  # rank 0 may have run on another machine: what it published
+            layout.working_copy(cfg).pull(run_dir, exclude=layout.NESTED["train"])
         result = json.loads((run_dir / RESULT).read_text())
         outputs = [OutputEntry(name=n, kind="file", bytes=(run_dir / n).stat().st_size)
                    for n in ("ema.safetensors", "model.safetensors")]

@@ -16,10 +16,13 @@ crash skips the ranges already published.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,7 +30,9 @@ import torch
 
 from pipeline.launch.tasks import fan_out
 from pipeline.progress import progress_bar
+from pipeline.stores.mirror import WorkingCopy
 from pipeline.stores.tar_shards import ShardIndex
+from pipeline.stores.zarr_layout import RANGES_DIR
 from pipeline.stores.zarr_store import ArraySpec, StoreWriter
 
 
@@ -49,6 +54,33 @@ class StoreJob:
     batch_size: int
     keys_width: int  # fixed width of the `keys` string array
     compression: str = "none"  # inside the shards of numeric arrays: "none" or "zstd"
+    remote: tuple[str, str] | None = None  # (workdir URL, the caller's working copy) on object storage
+
+    def on_this_machine(self) -> StoreJob:
+        """This job with its paths in this machine's working copy, the store's metadata and the ingest
+        shards pulled there (a task on another machine of the cluster); itself on a local workdir."""
+        if self.remote is None:
+            return self
+        url, caller_root = self.remote
+        copy = WorkingCopy.of(url)
+        if copy.root == Path(caller_root):
+            return self
+        def here(p: str) -> str:
+            return str(copy.root / Path(p).relative_to(caller_root))
+        store, shards = here(self.store), tuple(map(here, self.shards))
+        copy.pull(Path(shards[0]).parent)
+        copy.pull(Path(store), bulk=False, prune=False)
+        return dataclasses.replace(self, store=store, shards=shards)
+
+    def publish_range(self, writer: StoreWriter, start: int, stop: int) -> None:
+        """Upload a range just published in the working copy: its shard files, then its marker."""
+        if self.remote is None:
+            return
+        copy = WorkingCopy.of(self.remote[0])
+        marker = Path(self.store) / RANGES_DIR / f"{start}-{stop}"
+        files = json.loads(marker.read_text())["files"]
+        copy.push_files([Path(self.store) / name / e["key"] for name, entries in files.items() for e in entries])
+        copy.push_files([marker])
 
     def writer(self, num_samples: int) -> StoreWriter:
         return StoreWriter(self.store, num_samples, list(self.specs), self.samples_per_shard, self.attrs,
@@ -88,6 +120,11 @@ def compute_range(job: StoreJob, index: ShardIndex, extractor: Extractor, device
     return arrays
 
 
+def _write_and_publish(job: StoreJob, writer: StoreWriter, start: int, stop: int, arrays: dict) -> None:
+    writer.write_range(start, stop, arrays)
+    job.publish_range(writer, start, stop)
+
+
 def compute_ranges(job: StoreJob, index: ShardIndex, extractor: Extractor, device: torch.device,
                    ranges: list[tuple[int, int]], tick: Callable[[int], None] | None = None) -> None:
     """Compute and publish `ranges` in order. A background thread publishes range k (tensorstore
@@ -101,7 +138,7 @@ def compute_ranges(job: StoreJob, index: ShardIndex, extractor: Extractor, devic
             arrays = compute_range(job, index, extractor, device, start, stop, tick)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(writer.write_range, start, stop, arrays)
+            pending = pool.submit(_write_and_publish, job, writer, start, stop, arrays)
         if pending is not None:
             pending.result()
 
@@ -118,9 +155,10 @@ class RangeTask:
     index: ShardIndex | None = None  # the caller's index, in the calling process only (else rebuilt from the shards)
 
     def __call__(self, ranges: list[tuple[int, int]], device: torch.device, threads: int) -> int:
-        index = self.index or ShardIndex(list(self.job.shards))
+        job = self.job.on_this_machine()
+        index = self.index or ShardIndex(list(job.shards))
         self.extractor.setup(device)
-        compute_ranges(self.job, index, self.extractor, device, ranges, self.tick)
+        compute_ranges(job, index, self.extractor, device, ranges, self.tick)
         return sum(stop - start for start, stop in ranges)
 
 
@@ -158,6 +196,8 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
     finally:
         bar.close()
     seconds = time.perf_counter() - begin
+    if job.remote is not None:  # ranges published by tasks on other machines: their markers
+        WorkingCopy.of(job.remote[0]).pull(Path(job.store), bulk=False, prune=False)
     writer.finish()  # raises if a range is missing; drops the scratch area
     return {
         "images_computed": total,

@@ -61,6 +61,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from pipeline.stores.objects import ObjectURL, is_url, tensorstore_kvstore
+
 LAYOUT_KEY = "store_layout"  # reserved group attribute holding the store's own bookkeeping
 FORMAT_VERSION = 1
 RANGES_DIR = ".ranges"
@@ -102,9 +104,12 @@ def _context() -> ts.Context:
     return _CONTEXT[1]
 
 
-def open_tensorstore(path: Path, write: bool = False) -> ts.TensorStore:
-    """The Zarr v3 array at `path` through tensorstore (metadata read from its zarr.json)."""
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+def open_tensorstore(path: Path | str, write: bool = False) -> ts.TensorStore:
+    """The Zarr v3 array at `path` through tensorstore (metadata read from its zarr.json); an s3:// URL
+    is read through tensorstore's own `s3` driver."""
+    kvstore = (tensorstore_kvstore(ObjectURL.parse(path)) if is_url(path)
+               else {"driver": "file", "path": str(path)})
+    spec = {"driver": "zarr3", "kvstore": kvstore}
     if write:
         spec["store_data_equal_to_fill_value"] = True  # every sample is stored, as zarr's writes do
     return ts.open(spec, open=True, read=not write, write=write, context=_context()).result()

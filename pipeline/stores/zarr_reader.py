@@ -16,6 +16,7 @@ import zarr.codecs
 
 from pipeline.stores.atomic import PathLike, atomic_write_json
 from pipeline.stores.checksum import combined_digest, sha256_file
+from pipeline.stores.mirror import remote_dir
 from pipeline.stores.zarr_layout import (
     ENGINES,
     LAYOUT_KEY,
@@ -177,6 +178,7 @@ class StoreReader:
                 raise ValueError(f"feature store {self.path} is incomplete: {problem}; rerun the stage that writes it")
         self._open: dict[str, Any] = {}  # "engine:name" -> shard reader, tensorstore or zarr array
         self._pid = os.getpid()
+        self.remote = remote_dir(self.path)  # its URL, when pulled without its shard files (pipeline.stores.mirror)
 
     def verify(self, deep: bool = False) -> str | None:
         """None when every range is published with its shard files at their recorded sizes (and, when
@@ -252,14 +254,20 @@ class StoreReader:
         if self._pid != os.getpid():  # forked: do not share file state or thread pools with the parent
             self._open, self._pid = {}, os.getpid()
         numeric = is_numeric(self.specs[name].dtype)
+        in_place = numeric and self.remote is not None and not (self.path / name / "c").is_dir()
         if engine == "auto":
-            engine = "zarr" if not numeric else "shard" if self._get(name, "shard")[1] is not None else "tensorstore"
+            engine = ("zarr" if not numeric else "tensorstore" if in_place
+                      else "shard" if self._get(name, "shard")[1] is not None else "tensorstore")
+        if engine == "zarr" and in_place:
+            engine = "tensorstore"  # zarr would read the absent chunks as fill values; tensorstore reads the objects
         if engine != "zarr" and not numeric:
             raise ValueError(f"array {name!r} holds strings, which only the zarr engine reads")
         key = f"{engine}:{name}"
         if key not in self._open:
             if engine == "tensorstore":
-                self._open[key] = open_tensorstore(self.path / name)
+                self._open[key] = open_tensorstore(f"{self.remote}/{name}" if in_place else self.path / name)
+            elif engine == "shard" and in_place:
+                self._open[key] = None  # its shard files are not on this machine
             else:
                 with quiet_zarr():
                     arr = zarr.open_array(str(self.path / name), mode="r")
@@ -267,7 +275,8 @@ class StoreReader:
         return engine, self._open[key]
 
     def array(self, name: str) -> zarr.Array:
-        """The zarr array [N, *shape] (read-only), for slicing with zarr's own indexing."""
+        """The zarr array [N, *shape] (read-only), for slicing with zarr's own indexing (a tensorstore array
+        for a numeric array whose shard files are on object storage: `np.asarray(store.array(n)[:])`)."""
         return self._get(name, "zarr")[1]
 
     def read(self, name: str, indices: np.ndarray | Sequence[int], engine: str = "auto") -> np.ndarray:

@@ -224,6 +224,7 @@ def training_loop(
     sample_fn: Callable[[nn.Module, int], None] | None = None,  # (ema model in eval mode, steps done), rank 0
     trigger: Any = None,  # HASTE early stop: .should_check(updates done), .check(...) -> cosine, .threshold
     metadata: dict[str, str] | None = None,  # extra metadata stored in the exported safetensors
+    on_checkpoint: Callable[[Path], None] | None = None,  # (checkpoint path), rank 0: publish it (object storage)
     progress: bool = True,  # progress bar with steps/s and images/s on rank 0
 ) -> dict[str, Any]:
     """Train; returns {step, loss, steps_per_s, images_per_s, checkpoint, ema} (see module docstring)."""
@@ -359,6 +360,8 @@ def training_loop(
                     ckpt.save_training_state(run_dir, done, model=model, ema=ema, optimizer=optimizer,
                                              objective=objective, scaler=scaler, world_size=world_size,
                                              data_seed=dataset.seed, batch_size=batch_size, keep=settings.keep_checkpoints)
+                    if on_checkpoint is not None:
+                        on_checkpoint(last_checkpoint)
                 if report_fn is not None:
                     report_fn({**row, "step": done}, str(last_checkpoint) if rank == 0 else None)
             if rank == 0 and sample_fn is not None and ((settings.sample_every and done % settings.sample_every == 0) or done == steps):

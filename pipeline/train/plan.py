@@ -68,6 +68,30 @@ class TrainPlan(BaseModel):
     dataset_classes: int  # classes in the stores' labels
     model_kwargs: dict[str, Any]  # the backbone's constructor arguments (latent geometry + [model])
     resume: Literal["auto", "never"] = "auto"  # never: --force, start over
+    remote: tuple[str, str] | None = None  # object-store workdir: (its URL, the driver's working copy)
+
+    def on_this_machine(self) -> TrainPlan:
+        """This plan with its paths in this machine's working copy of an object-store workdir, the
+        stores' metadata and the run directory (to resume) pulled there; itself when the driver's
+        working copy is this machine's (or the workdir is local)."""
+        if self.remote is None:
+            return self
+        from pipeline.stores.mirror import WorkingCopy
+
+        url, driver_root = self.remote
+        copy = WorkingCopy.of(url)
+        if copy.root == Path(driver_root):
+            return self
+
+        def here(p: Path | None) -> Path | None:
+            return None if p is None else copy.root / Path(p).relative_to(driver_root)
+
+        moved = {k: here(getattr(self, k)) for k in ("run_dir", "latents_store", "teacher_store", "text_store")}
+        for store in ("latents_store", "teacher_store", "text_store"):
+            if moved[store] is not None:
+                copy.pull(moved[store].parent, bulk=False)
+        copy.pull(moved["run_dir"], exclude=("samples", "eval"))
+        return self.model_copy(update=moved | {"shards": tuple(map(here, self.shards))})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,233 @@
+"""The local working copy of a workdir on object storage (`workdir = "s3://bucket/prefix"`).
+
+Every stage computes on local files, as on a POSIX workdir; the object store is the workdir of
+record between stages. A stage pulls what it reads (the manifests and metadata of its upstream
+stages, the bulk files of the inputs it reads whole, and its own output for resume), runs, and
+pushes its output: every file as one whole object, stale objects deleted, `manifest.json` last, so
+a stage whose manifest is in the store has all its objects there. Progress inside a stage is pushed
+as it becomes durable (each published store range, each checkpoint), so a rerun on another node
+resumes from the object store.
+
+Bulk files stay in the object store unless a stage reads them whole: the ingest tar shards (read by
+the encoders), checkpoints (read by sampling) and the shard files of numeric store arrays (training
+reads them through tensorstore's own `s3` driver). A directory pulled without its bulk files holds a
+`.remote` file naming its URL and the sizes of the files left there, which the verifications and the
+store reader consult for a file that is not local. A local file is in sync with its
+object when the sizes agree and its MD5 equals the object's etag (objects are written by single PUTs).
+
+    {staging}/{bucket}/{prefix}/...      the working copy (staging: REPA_STAGING, default
+                                         ~/.cache/repa-pipeline/objects)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.stores.atomic import atomic_write_json
+from pipeline.stores.objects import ObjectInfo, ObjectURL, delete, get_file, list_objects, md5_file, put_file
+
+MANIFEST = "manifest.json"
+REMOTE_MARK = ".remote"  # in a directory pulled without its bulk files: {"url", "sizes": {relative path: bytes}}
+THREADS = 16
+_MD5: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> md5, so a file is hashed once
+
+
+def staging_root() -> Path:
+    return Path(os.environ.get("REPA_STAGING") or Path.home() / ".cache" / "repa-pipeline" / "objects")
+
+
+def transient(rel: str) -> bool:
+    """Files that are never published: temporaries, scratch arrays, locks, the `.remote` mark."""
+    parts = rel.split("/")
+    name = parts[-1]
+    return (any(p in (".scratch", ".locks") for p in parts) or name == REMOTE_MARK or name.endswith(".tmp")
+            or (name.startswith(".") and (".tmp-" in name or ".old-" in name or ".tmp" in name)))
+
+
+def is_bulk(rel: str) -> bool:
+    """Files a stage pulls only when it reads them whole: ingest tar shards, store shard files (`/c/`),
+    training checkpoints."""
+    return rel.endswith(".tar") or "/c/" in rel or "/checkpoints/" in rel
+
+
+def store_of(rel: str) -> str:
+    """The store directory of a store shard file `{store}/{array}/c/...`."""
+    return rel.split("/c/")[0].rsplit("/", 1)[0]
+
+
+def _array_of(rel: str) -> str:
+    return rel.split("/c/")[0].rsplit("/", 1)[1]
+
+
+def _excluded(rel: str, exclude: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a key lies in a first-level subdirectory of `rel` whose name starts with one of `exclude`."""
+    def skip(key: str) -> bool:
+        sub = key[len(rel) + 1:].split("/", 1)
+        return len(sub) == 2 and sub[0].startswith(tuple(exclude)) if exclude else False
+    return skip
+
+
+def _md5(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _MD5:
+        _MD5[key] = md5_file(path)
+    return _MD5[key]
+
+
+def in_sync(path: Path, obj: ObjectInfo) -> bool:
+    return path.is_file() and path.stat().st_size == obj.size and _md5(path) == obj.etag
+
+
+def _numeric_arrays(store: Path) -> set[str]:
+    """Names of the numeric arrays of the store at `store` (from its group attributes)."""
+    from pipeline.stores.zarr_layout import LAYOUT_KEY, is_numeric
+
+    try:
+        attrs = json.loads((store / "zarr.json").read_text())["attributes"][LAYOUT_KEY]
+    except (OSError, KeyError, ValueError):
+        return set()
+    return {a["name"] for a in attrs["arrays"] if is_numeric(a["dtype"])}
+
+
+@dataclass(frozen=True)
+class WorkingCopy:
+    """`url` (the workdir on object storage) mirrored at `root` (a local directory)."""
+
+    url: str
+    root: Path
+
+    @classmethod
+    def of(cls, url: str) -> WorkingCopy:
+        u = ObjectURL.parse(url)
+        return cls(str(u), staging_root() / u.bucket / u.prefix)
+
+    @property
+    def objects(self) -> ObjectURL:
+        return ObjectURL.parse(self.url)
+
+    def rel(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    # ------------------------------------------------------------------------------------------
+    #                                          Pull
+    # ------------------------------------------------------------------------------------------
+
+    def pull(self, directory: Path, *, bulk: bool = True, exclude: Sequence[str] = (), prune: bool = True) -> int:
+        """Make `directory` (under the root) equal to its objects; returns the files downloaded.
+
+        Local files without an object there are removed (a manifest that the store no longer has
+        must not make a stage look up to date). bulk=False leaves the bulk files (is_bulk) in the
+        object store (the string arrays of a store are pulled: only zarr reads them) and lists them in
+        the directory's `.remote` mark; a local copy of such a file is used where its size is right. `exclude`:
+        first-level subdirectories that are other stages' outputs (a run's samples and eval). prune=False
+        keeps local files that have no object (a stage's output still being written here).
+        """
+        rel = self.rel(directory)
+        skip = _excluded(rel, exclude)
+        remote = {o.key: o for o in list_objects(self.objects, rel) if not transient(o.key) and not skip(o.key)}
+        numeric = {store: _numeric_arrays(self.root / store) for store in {store_of(k) for k in remote if "/c/" in k}}
+        n = self._download([o for k, o in remote.items() if not is_bulk(k)])
+        numeric = {store: _numeric_arrays(self.root / store) for store in numeric}  # their zarr.json is here now
+        needed = [o for k, o in remote.items() if is_bulk(k) and (
+            bulk or ("/c/" in k and _array_of(k) not in numeric[store_of(k)]))]
+        n += self._download(needed)
+        got = {o.key for o in needed}
+        left = {k[len(rel) + 1:]: o.size for k, o in remote.items() if is_bulk(k) and k not in got}
+        mark = directory / REMOTE_MARK
+        if left:
+            atomic_write_json(mark, {"url": f"{self.url}/{rel}", "sizes": left}, indent=None)
+        else:
+            mark.unlink(missing_ok=True)
+        for f in sorted(p for p in directory.rglob("*") if p.is_file()) if directory.is_dir() and prune else []:
+            r = self.rel(f)
+            if r not in remote and not transient(r) and not skip(r) and (bulk or not is_bulk(r)):
+                f.unlink()
+        return n
+
+    def _download(self, objs: Iterable[ObjectInfo]) -> int:
+        todo = [o for o in objs if not in_sync(self.root / o.key, o)]
+        with ThreadPoolExecutor(THREADS) as pool:
+            list(pool.map(lambda o: get_file(self.objects, o.key, self.root / o.key), todo))
+        return len(todo)
+
+    # ------------------------------------------------------------------------------------------
+    #                                          Push
+    # ------------------------------------------------------------------------------------------
+
+    def push(self, directory: Path, *, prune: bool = True, exclude: Sequence[str] = ()) -> int:
+        """Publish `directory`: changed files as whole objects, then (prune) the deletion of objects
+        with no local file, then the manifests. Returns the files uploaded."""
+        if not directory.is_dir():
+            return 0
+        rel = self.rel(directory)
+        skip = _excluded(rel, exclude)
+        files = [self.rel(f) for f in sorted(directory.rglob("*")) if f.is_file()]
+        files = [f for f in files if not transient(f) and not skip(f)]
+        remote = {o.key: o for o in list_objects(self.objects, rel) if not skip(o.key)}
+        changed = [f for f in files if f not in remote or not in_sync(self.root / f, remote[f])]
+        manifests = [f for f in changed if f.rsplit("/", 1)[-1] == MANIFEST]
+        n = self._upload([f for f in changed if f not in manifests])
+        if prune:  # objects with no local file, except those a `.remote` mark says were left in the store
+            local = set(files) | {f"{self.rel(m.parent)}/{k}" for m in directory.rglob(REMOTE_MARK)
+                                  for k in json.loads(m.read_text())["sizes"]}
+            stale = [k for k in remote if k not in local and not transient(k)]
+            with ThreadPoolExecutor(THREADS) as pool:
+                list(pool.map(lambda k: delete(self.objects, k), stale))
+        return n + self._upload(manifests)
+
+    def push_files(self, paths: Iterable[Path]) -> int:
+        """Publish these files (each a whole object), e.g. a range or a checkpoint just made durable."""
+        return self._upload([self.rel(p) for p in paths if Path(p).is_file()])
+
+    def _upload(self, rels: list[str]) -> int:
+        with ThreadPoolExecutor(THREADS) as pool:
+            list(pool.map(lambda r: put_file(self.objects, r, self.root / r), rels))
+        return len(rels)
+
+    def forget(self, path: Path) -> None:
+        """Delete the object of `path` (a manifest invalidated before its stage reruns)."""
+        delete(self.objects, self.rel(path))
+
+
+_MARKS: dict[tuple[str, int], dict] = {}
+
+
+def _mark(directory: Path) -> dict | None:
+    m = directory / REMOTE_MARK
+    try:
+        key = (str(m), m.stat().st_mtime_ns)
+    except OSError:
+        return None
+    if key not in _MARKS:
+        _MARKS[key] = json.loads(m.read_text())
+    return _MARKS[key]
+
+
+def remote_file(path: Path) -> tuple[str, int] | None:
+    """(URL, bytes) of the object a missing local file stands for, when a directory above it was pulled
+    without its bulk files; else None."""
+    path = Path(path)
+    for d in path.parents:
+        mark = _mark(d)
+        if mark is not None:
+            rel = path.relative_to(d).as_posix()
+            return (f"{mark['url']}/{rel}", int(mark["sizes"][rel])) if rel in mark["sizes"] else None
+    return None
+
+
+def remote_dir(path: Path) -> str | None:
+    """The URL of directory `path` when it, or a directory above it, was pulled without its bulk files;
+    else None."""
+    path = Path(path)
+    for d in [path, *path.parents]:
+        mark = _mark(d)
+        if mark is not None:
+            rel = path.relative_to(d).as_posix()
+            return mark["url"] if rel == "." else f"{mark['url']}/{rel}"
+    return None
