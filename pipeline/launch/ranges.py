@@ -182,6 +182,8 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
         reason = "written for another configuration" if "fingerprint" in str(exc) else str(exc).split(". Delete")[0]
         print(f"[{desc}] rebuilding {job.store}: {reason}", file=sys.stderr, flush=True)
         writer.create(overwrite=True)
+    if job.remote is not None:  # the store's metadata first, so ranges published from here on can be resumed
+        WorkingCopy.of(job.remote[0]).push(Path(job.store), prune=False)
     done = writer.done()
     todo = [r for r in writer.ranges() if r[0] not in done]
     total = sum(stop - start for start, stop in todo)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -282,6 +283,8 @@ def training_loop(
         net = torch.compile(net)
     if restored is not None:
         ckpt.set_rng_state(restored.rng)
+        if rank == 0:
+            print(f"[train] resumed from {last_checkpoint} (step {start})", file=sys.stderr, flush=True)
 
     # -- bookkeeping --------------------------------------------------------------------------------
     logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start)

@@ -1,0 +1,283 @@
+"""Workdirs on S3-compatible object storage, against a real S3 HTTP server on 127.0.0.1 (moto's server
+mode, tests/s3server.py): conditional writes, the working copy's pull and push, the lock object, one-line
+errors, and (slow) the tiny chain end to end, equal to a local run, resumed after kill -9 on a machine
+with an empty working copy, and two concurrent `repa features` on one workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, repa
+from tests.s3server import free_port, s3_server
+
+
+@pytest.fixture(scope="module")
+def aws():
+    with s3_server() as env:
+        yield env
+
+
+@pytest.fixture
+def s3(aws, monkeypatch, tmp_path):
+    """This process pointed at the server, with its working copies under tmp_path/staging."""
+    for k, v in aws.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("REPA_STAGING", str(tmp_path / "staging"))
+    return aws
+
+
+def url(tmp_path: Path) -> str:
+    return f"s3://repa/{tmp_path.name}"
+
+
+# ----------------------------------------------------------------------------------------------
+#                                  Objects and the working copy
+# ----------------------------------------------------------------------------------------------
+
+
+def test_conditional_writes_are_refused_by_the_server(s3, tmp_path):
+    from pipeline.stores.objects import ObjectURL, PreconditionFailed, get_bytes, put_bytes
+
+    u = ObjectURL.parse(url(tmp_path))
+    etag = put_bytes(u, "lock", b"first", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        put_bytes(u, "lock", b"second", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        put_bytes(u, "lock", b"third", if_match="0" * 32)
+    put_bytes(u, "lock", b"fourth", if_match=etag)
+    assert get_bytes(u, "lock")[0] == b"fourth"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_push_then_pull_on_another_machine_gives_the_same_files(s3, tmp_path, monkeypatch):
+    from pipeline.stores import objects
+    from pipeline.stores.mirror import REMOTE_MARK, WorkingCopy
+    from pipeline.stores.zarr_verify import file_size
+
+    here = WorkingCopy.of(url(tmp_path))
+    out = here.root / "ingest"
+    (out / ".scratch").mkdir(parents=True)
+    (out / ".scratch" / "partial").write_bytes(b"x")
+    (out / "shard-000000.tar").write_bytes(os.urandom(3000))
+    (out / "index.tsv").write_text("a\t0\n")
+    (out / ".shard-000001.tar.abc.tmp").write_bytes(b"half")
+    (out / "manifest.json").write_text("{}\n")
+    order: list[str] = []
+    real = objects.put_file
+    monkeypatch.setattr("pipeline.stores.mirror.put_file", lambda u, rel, p: order.append(rel) or real(u, rel, p))
+    assert here.push(out) == 3
+    assert order[-1].endswith("manifest.json")  # published last: a stage with a manifest has all its objects
+    assert here.push(out) == 0  # in sync: nothing uploaded again
+
+    monkeypatch.setenv("REPA_STAGING", str(tmp_path / "other-machine"))
+    there = WorkingCopy.of(url(tmp_path))
+    assert there.pull(there.root / "ingest") == 3
+    assert _tree(there.root / "ingest") == {k: v for k, v in _tree(out).items() if not k.startswith(".")}
+
+    # without bulk files: the tar stays in the store, its size is known, verification sees it
+    monkeypatch.setenv("REPA_STAGING", str(tmp_path / "third"))
+    third = WorkingCopy.of(url(tmp_path))
+    third.pull(third.root / "ingest", bulk=False)
+    assert not (third.root / "ingest" / "shard-000000.tar").exists()
+    assert json.loads((third.root / "ingest" / REMOTE_MARK).read_text())["sizes"] == {"shard-000000.tar": 3000}
+    assert file_size(third.root / "ingest" / "shard-000000.tar") == 3000
+
+    # a manifest deleted in the store is deleted by the next pull: the stage is no longer up to date
+    there.forget(there.root / "ingest" / "manifest.json")
+    third.pull(third.root / "ingest", bulk=False)
+    assert not (third.root / "ingest" / "manifest.json").exists()
+
+
+def test_lock_object_one_holder_takeover_of_a_dead_one(s3, tmp_path, monkeypatch):
+    from jobs.lock import StageBusy, hold_object
+    from pipeline.stores.mirror import WorkingCopy
+    from pipeline.stores.objects import get_bytes, put_bytes
+
+    copy = WorkingCopy.of(url(tmp_path))
+    path = copy.root / ".locks" / "ingest.lock"
+    with hold_object(copy, path, "stage ingest"):
+        holder = json.loads(get_bytes(copy.objects, ".locks/ingest.lock")[0])
+        assert holder["pid"] == os.getpid() and holder["expires"] > time.time()
+        with pytest.raises(StageBusy, match=f"pid {os.getpid()}"):
+            with hold_object(copy, path, "stage ingest"):
+                pass
+    from pipeline.stores.objects import head
+
+    assert head(copy.objects, ".locks/ingest.lock") is None  # released
+
+    # a holder whose lease ran out, and a dead process on this host, are taken over
+    for record in ({"pid": 1, "host": "elsewhere", "expires": time.time() - 1},
+                   {"pid": _dead_pid(), "host": socket.gethostname(), "expires": time.time() + 3600}):
+        put_bytes(copy.objects, ".locks/ingest.lock", json.dumps(record).encode())
+        said: list[str] = []
+        with hold_object(copy, path, "stage ingest", say=said.append):
+            assert json.loads(get_bytes(copy.objects, ".locks/ingest.lock")[0])["pid"] == os.getpid()
+        assert said and "took over" in said[0]
+
+
+def test_lock_lease_is_renewed_while_held(s3, tmp_path, monkeypatch):
+    import jobs.lock
+    from pipeline.stores.mirror import WorkingCopy
+    from pipeline.stores.objects import get_bytes
+
+    monkeypatch.setattr(jobs.lock, "LEASE_S", 0.8)
+    copy = WorkingCopy.of(url(tmp_path))
+    with jobs.lock.hold_object(copy, copy.root / ".locks" / "x.lock", "stage x"):
+        first = json.loads(get_bytes(copy.objects, ".locks/x.lock")[0])["expires"]
+        time.sleep(1.0)
+        later = json.loads(get_bytes(copy.objects, ".locks/x.lock")[0])["expires"]
+    assert later > first
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_wrong_endpoint_or_credentials_is_one_line_exit_2(aws, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'workdir = "{url(tmp_path)}"\n[data]\nsource = "synthetic"\n')
+    env = {**aws, "REPA_STAGING": str(tmp_path / "staging")}
+    closed = repa("status", "-c", str(config), env={**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+    assert closed.returncode == 2 and "cannot reach the object store" in closed.stderr
+    assert len(closed.stderr.strip().splitlines()) == 1
+    with s3_server(check_credentials=True) as strict:
+        refused = repa("features", "-c", str(config), env={**env, **strict})
+    assert refused.returncode == 2 and "refused the credentials" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").rglob("manifest.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+#                                 The chain on object storage (slow)
+# ----------------------------------------------------------------------------------------------
+
+
+def _chain_outputs(cfg_path: Path, env: dict | None = None,
+                   stages: tuple[str, ...] = ("latents", "teacher", "train", "evaluate")) -> dict:
+    """Store arrays, weights and metrics of the tiny chain's config (read where its working copy is)."""
+    from tests.test_faults import outputs
+    from tests.test_jobs_e2e import cfg_of
+
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        from jobs.layout import states
+        from jobs.run import pull_all
+
+        cfg = cfg_of(cfg_path)
+        pull_all(cfg, bulk=True)
+        found = states(cfg)
+        return {stage: outputs(found[stage].path, stage) for stage in stages}
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+@pytest.fixture(scope="module")
+def local_chain(tmp_path_factory):
+    from tests.test_jobs_e2e import tiny_config
+
+    tmp = tmp_path_factory.mktemp("local")
+    config = tiny_config(tmp)
+    for command in ("features", "train", "eval"):
+        assert repa(command, "-c", str(config)).returncode == 0
+    return _chain_outputs(config)
+
+
+def s3_config(tmp_path: Path) -> Path:
+    from tests.test_jobs_e2e import TINY
+
+    path = tmp_path / "s3.toml"
+    path.write_text(TINY.format(workdir=url(tmp_path)))
+    return path
+
+
+def machine(aws: dict, tmp_path: Path, name: str) -> dict:
+    """The environment of a `repa` process on machine `name`: its own, initially empty, working copy."""
+    return {**aws, "REPA_STAGING": str(tmp_path / name)}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    from tests.test_faults import assert_equal
+
+    for stage in a:
+        assert_equal(a[stage], b[stage], stage)
+
+
+@pytest.mark.slow
+def test_chain_on_object_storage_equals_the_local_chain(aws, tmp_path, local_chain):
+    config = s3_config(tmp_path)
+    for i, command in enumerate(("features", "train", "eval")):  # each on a machine of its own
+        out = repa(command, "-c", str(config), env=machine(aws, tmp_path, f"m{i}"))
+        assert out.returncode == 0, out.stderr[-3000:]
+    _assert_same(local_chain, _chain_outputs(config, machine(aws, tmp_path, "reader")))
+    status = repa("status", "-c", str(config), "--json", env=machine(aws, tmp_path, "m-status"))
+    assert status.returncode == 0, status.stderr
+    assert {r["state"] for r in json.loads(status.stdout)} == {"up-to-date"}
+    # training on that machine read the stores' shard files in place: none were downloaded
+    assert not list((tmp_path / "m1").rglob("c/0/0/0/0"))
+
+
+@pytest.mark.slow
+def test_kill_at_a_store_publish_and_a_train_step_resumes_from_the_object_store(aws, tmp_path, local_chain):
+    config = s3_config(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REPA_LOCK_LEASE_S": "5"}
+    for command, point in (("features", "store.publish:5"), ("train", "train.step:5")):
+        dead = subprocess.run([sys.executable, "-m", "jobs.cli", command, "-c", str(config)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600, start_new_session=True,
+                              env={**env, **machine(aws, tmp_path, f"dead-{command}"), "REPA_KILL_AT": point})
+        assert dead.returncode == -9, dead.stderr[-2000:]
+        # the rerun is on another machine: it resumes from what the killed one published
+        rerun = repa(command, "-c", str(config), env={**machine(aws, tmp_path, f"rerun-{command}"),
+                                                        "REPA_LOCK_LEASE_S": "5"})
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "took over the lock" in rerun.stderr  # of the killed process (same host, dead pid)
+    from jobs.layout import states
+    from tests.test_jobs_e2e import cfg_of
+
+    old = dict(os.environ)
+    os.environ.update(machine(aws, tmp_path, "inspect"))
+    try:
+        from jobs.run import pull_all
+
+        pull_all(cfg_of(config))
+        found = states(cfg_of(config))
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert found["latents"].manifest.stats["ranges_resumed"] >= 1  # range 0 came from the killed machine
+    assert "resumed from" in rerun.stderr and "(step 3)" in rerun.stderr  # the checkpoint the killed machine published
+    out = repa("eval", "-c", str(config), env=machine(aws, tmp_path, "eval"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    _assert_same(local_chain, _chain_outputs(config, machine(aws, tmp_path, "reader")))
+
+
+@pytest.mark.slow
+def test_two_features_at_once_on_one_workdir(aws, tmp_path, local_chain):
+    config = s3_config(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-m", "jobs.cli", "features", "-c", str(config)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **machine(aws, tmp_path, f"p{i}")})
+             for i in range(2)]
+    results = [(p.wait(600), p.stderr.read()) for p in procs]
+    for rc, err in results:
+        assert rc in (0, 2), err[-2000:]
+        if rc == 2:
+            assert "is being written by" in err and len(err.strip().splitlines()[-1]) > 0
+    again = repa("features", "-c", str(config), env=machine(aws, tmp_path, "p3"))
+    assert again.returncode == 0 and "publishing" not in again.stderr, again.stderr[-2000:]
+    got = _chain_outputs(config, machine(aws, tmp_path, "reader"), ("latents", "teacher"))
+    _assert_same({k: local_chain[k] for k in got}, got)
