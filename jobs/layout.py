@@ -190,8 +190,9 @@ def holdout_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return held
 
 
-# First-level subdirectories of a stage's output that are other stages' outputs (a run's samples and eval).
-NESTED = {"train": ("samples", "eval")}
+# First-level subdirectories of a stage's output that others write: a run's samples and eval (other
+# stages' outputs) and ray (Ray Train's own checkpoint copies); a stage's push and pull leave them alone.
+NESTED = {"train": ("samples", "eval", "ray")}
 
 
 def working_copy(cfg: ExperimentConfig) -> WorkingCopy | None:

@@ -271,7 +271,9 @@ def train(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> Non
 
         extra = {}
         if t.launcher == "ray":
-            extra = {"storage_path": str(run_dir / "ray"), "name": "train", "max_failures": t.max_failures,
+            storage = (f"{cfg.workdir.rstrip('/')}/{layout.working_copy(cfg).rel(run_dir)}/ray" if plan.remote
+                       else str(run_dir / "ray"))  # Ray's own checkpoint copies: storage every node reaches
+            extra = {"storage_path": storage, "name": "train", "max_failures": t.max_failures,
                      "keep_checkpoints": t.keep_checkpoints}
         try:
             launcher(t.launcher)(worker_main, plan, num_workers=t.num_workers, use_gpu=t.use_gpu, **extra)

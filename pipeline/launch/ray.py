@@ -148,7 +148,8 @@ def launch(
             scaling_config=ray.train.ScalingConfig(
                 num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=ray.train.RunConfig(
-                storage_path=os.path.abspath(storage_path) if storage_path else None,
+                storage_path=(storage_path if "://" in storage_path else os.path.abspath(storage_path))
+                if storage_path else None,
                 name=name,
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),

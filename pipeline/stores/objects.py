@@ -163,6 +163,8 @@ def list_objects(url: ObjectURL, rel: str = "") -> Iterator[ObjectInfo]:
     while True:
         page = _call(f"{url}/{rel}", c.list_objects_v2, Bucket=url.bucket, Prefix=prefix, **token)
         for o in page.get("Contents", []):
+            if o["Key"].endswith("/"):
+                continue  # a folder marker (written by some tools, e.g. Ray's storage), not a file
             yield ObjectInfo(o["Key"][strip:], int(o["Size"]), o["ETag"].strip('"'))
         if not page.get("IsTruncated"):
             return

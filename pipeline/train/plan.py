@@ -90,7 +90,7 @@ class TrainPlan(BaseModel):
         for store in ("latents_store", "teacher_store", "text_store"):
             if moved[store] is not None:
                 copy.pull(moved[store].parent, bulk=False)
-        copy.pull(moved["run_dir"], exclude=("samples", "eval"))
+        copy.pull(moved["run_dir"], exclude=("samples", "eval", "ray"))  # jobs.layout.NESTED["train"]
         return self.model_copy(update=moved | {"shards": tuple(map(here, self.shards))})
 
 
