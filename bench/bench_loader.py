@@ -7,6 +7,11 @@ to this process, which only takes the batches. Stores of random values at the Im
 geometry by default: SD-VAE moments fp32 [8, 32, 32] and DINOv2-B tokens fp16 [256, 768]; a latents
 store and a teacher store, as the stages write them.
 
+`--object-store moto` (a local S3 server, moto) or `--object-store s3://bucket/prefix` (the AWS
+environment) also measures the stores read from object storage as a training worker on another
+machine reads them: pushed from one working copy, pulled without their shard files into another, read
+through tensorstore's `s3` driver; each line says its `source` (local / object-store).
+
 Each line is one (workers, prefetch) setting, next to the rate a model consumes: `--consume` images/s
 per training process (default: SiT-XL/2 bf16 on one H100 at 40 % MFU, 3,600 images/s per 8-GPU node
 / 8 = 450; SiT-B/2 is about 5x that) — take it from bench_models.py on the target device.
@@ -15,6 +20,8 @@ per training process (default: SiT-XL/2 bf16 on one H100 at 40 % MFU, 3,600 imag
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import tempfile
@@ -24,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.train import StoreArrays
+from pipeline.stores.mirror import WorkingCopy
 from pipeline.stores.zarr_store import ArraySpec, StoreReader, StoreWriter
 from pipeline.train.data import TrainDataset
 
@@ -70,10 +78,33 @@ def main() -> None:
     ap.add_argument("--compression", default="none", choices=["none", "zstd"])
     ap.add_argument("--consume", type=float, default=450.0, help="images/s one training process consumes")
     ap.add_argument("--dir", default=None, help="where to write the stores (default: a temporary directory)")
+    ap.add_argument("--object-store", default=None,
+                    help="also read the stores from object storage: 'moto' (a local S3 server) or s3://bucket/prefix")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        latents, teacher = build(Path(tmp), args.num, args.per_shard, args.tokens, args.dim, args.latent, args.compression)
-        for workers in args.workers:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, contextlib.ExitStack() as stack:
+        root = Path(tmp) / "here"
+        if args.object_store:
+            url = args.object_store
+            if url == "moto":
+                from tests.s3server import s3_server
+
+                os.environ.update(stack.enter_context(s3_server()))
+                url = "s3://repa/bench"
+            os.environ["REPA_STAGING"] = str(Path(tmp) / "here")
+            root = WorkingCopy.of(url).root
+        latents, teacher = build(root, args.num, args.per_shard, args.tokens, args.dim, args.latent, args.compression)
+        sources = [("local", latents, teacher)]
+        if args.object_store:
+            here = WorkingCopy.of(url)
+            os.environ["REPA_STAGING"] = str(Path(tmp) / "there")  # another machine: metadata only
+            there = WorkingCopy.of(url)
+            for name in ("latents.zarr", "teacher.zarr"):
+                here.push(root / name)
+                there.pull(there.root / name, bulk=False)
+            remote = [StoreReader(there.root / f"{n}.zarr") for n in ("latents", "teacher")]
+            assert remote[0].remote is not None
+            sources.append(("object-store", *remote))
+        for (source, latents, teacher), workers in itertools.product(sources, args.workers):
             for prefetch in args.prefetch:
                 if workers > 0 and prefetch == 0:
                     continue  # DataLoader processes always build at least one item ahead
@@ -85,7 +116,7 @@ def main() -> None:
                 dt = time.perf_counter() - t0
                 rate = taken * args.batch / dt
                 print(json.dumps({
-                    "bench": "loader", "workers": workers, "prefetch": prefetch, "batch": args.batch,
+                    "bench": "loader", "source": source, "workers": workers, "prefetch": prefetch, "batch": args.batch,
                     "compression": args.compression, "cpus": os.cpu_count(),
                     "sample_MiB": round((8 * args.latent ** 2 * 4 + args.tokens * args.dim * 2) / 2**20, 3),
                     "samples_per_s": round(rate, 1), "consume_per_s": args.consume,
