@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def main() -> None:
         if args.object_store:
             url = args.object_store
             if url == "moto":
+                sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
                 from tests.s3server import s3_server
 
                 os.environ.update(stack.enter_context(s3_server()))

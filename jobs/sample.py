@@ -17,6 +17,7 @@ and the noise is drawn on the CPU whatever the device, so a GPU draws the images
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -27,8 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from jobs import layout
 from jobs.layout import CAPTIONS
-from jobs.run import device_or_exit, load_text_encoder_or_exit, load_vae_or_exit, say, stage
+from jobs.run import device_or_exit, load_text_encoder_or_exit, load_vae_or_exit, remote_copy, say, stage
 from jobs.stage import UsageError
 from pipeline import faults
 from pipeline.launch import fan_out
@@ -39,6 +41,7 @@ from pipeline.sampling import image_grid, sample_labels, samples_to_uint8
 from pipeline.sampling import sample as run_sampler
 from pipeline.sampling.images import captioned_grid
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_npz
+from pipeline.stores.mirror import WorkingCopy
 from pipeline.stores.npz import open_npz_array, write_npz_streamed
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry
@@ -108,6 +111,7 @@ class DrawPlan:
     batches: tuple[tuple[int, int], ...]  # [lo, hi) of every batch
     labels: tuple[int, ...]  # labels of all samples (sample.labels; text-to-image: the prompts' classes, -1 unknown)
     prompts: tuple[str, ...] = ()  # text-to-image: the prompt of every sample
+    remote: tuple[str, str] | None = None  # object-store workdir: (its URL, the driver's working copy)
 
 
 def text_condition(encoder, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -200,7 +204,20 @@ class DrawTask:
     plan: DrawPlan
 
     def __call__(self, todo: list[int], device: torch.device, threads: int) -> int:
-        return draw(self.plan, todo, device)
+        plan = self.plan
+        if plan.remote is None:
+            return draw(plan, todo, device)
+        copy = WorkingCopy.of(plan.remote[0])  # this machine's working copy: the weights in, the batches out
+
+        def here(p: str) -> str:
+            return str(copy.root / Path(p).relative_to(plan.remote[1]))
+
+        plan = dataclasses.replace(plan, run_dir=here(plan.run_dir), parts=here(plan.parts))
+        if plan.run_dir != self.plan.run_dir:
+            copy.pull(Path(plan.run_dir), exclude=layout.NESTED["train"])
+        n = draw(plan, todo, device)
+        copy.push_files([Path(plan.parts) / f"batch-{i:06d}.npz" for i in todo])
+        return n
 
 
 def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> None:
@@ -232,7 +249,7 @@ def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
                       f"{s.precision}, {s.weights} weights" + (f" of checkpoint {s.checkpoint}" if s.checkpoint else "")
                       + f", {s.launcher} x {s.num_workers}")
         plan = DrawPlan(cfg.model_dump(mode="json"), str(run_dir.resolve()), dict(train.extra), str(parts.resolve()),
-                        tuple(batches), tuple(int(v) for v in labels), tuple(prompts))
+                        tuple(batches), tuple(int(v) for v in labels), tuple(prompts), remote_copy(cfg))
         todo = [i for i in range(len(batches)) if i not in done]
         bar = progress_bar(total=s.num, initial=sum(hi - lo for i, (lo, hi) in enumerate(batches) if i in done),
                    unit="img", desc="sample")
@@ -241,6 +258,8 @@ def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
                 groups = [todo[k::s.num_workers] for k in range(s.num_workers) if todo[k::s.num_workers]]
                 fan_out("ray", DrawTask(plan), groups, num_workers=s.num_workers, device=s.device,
                         on_result=bar.update)
+                if plan.remote is not None:  # batches drawn on other machines
+                    layout.working_copy(cfg).pull(parts, prune=False)
             elif todo:
                 draw(plan, todo, device_or_exit("sample.device", s.device), tick=bar.update)
         finally:

@@ -1,7 +1,7 @@
 """A 2-node Ray cluster on this machine (Ray's own `ray.cluster_utils.Cluster`: two raylets, each node
 with its own working copy of an object-store workdir on a real S3 server), driven through `RAY_ADDRESS`
-as a real cluster is: the store fan-out and a 2-worker training run spread over both nodes, against
-one process on a local workdir."""
+as a real cluster is: the store fan-out, a 2-worker training run and the sampling fan-out spread over
+both nodes, against one process."""
 
 from __future__ import annotations
 
@@ -86,3 +86,30 @@ def test_store_fan_out_and_two_workers_over_two_nodes_equal_one_process(tmp_path
     one, two = (load_file(Path(s["train"].path) / "ema.safetensors") for s in (here, there))
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-5)
+
+    # sampling fanned out over both nodes draws the images one process draws from the same weights
+    fanned = repa("sample", "-c", str(config), *sets, "--set", "sample.launcher=ray", "--set", "sample.num_workers=2",
+                  env=env)
+    assert fanned.returncode == 0, fanned.stderr[-4000:]
+    drawn = np.load(_pulled(env, cfg, "sample") / "samples.npz")["arr_0"]
+    alone = repa("sample", "-c", str(config), *sets, "--force", env={**env, "REPA_STAGING": str(tmp_path / "alone")})
+    assert alone.returncode == 0, alone.stderr[-4000:]
+    np.testing.assert_array_equal(drawn, np.load(_pulled(env, cfg, "sample") / "samples.npz")["arr_0"])
+    assert any(root.rglob(".parts-*/batch-*.npz") for root in nodes.values())  # batches drawn on the nodes
+
+
+def _pulled(env: dict, cfg, stage: str) -> Path:
+    """The output directory of `stage`, pulled into a fresh working copy."""
+    import tempfile
+
+    from jobs.layout import states
+    from jobs.run import pull_all
+
+    saved = dict(os.environ)
+    os.environ.update(env, REPA_STAGING=tempfile.mkdtemp(prefix="reader-"))
+    try:
+        pull_all(cfg, bulk=True)
+        return Path(states(cfg)[stage].path)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

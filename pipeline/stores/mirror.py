@@ -215,9 +215,9 @@ def remote_file(path: Path) -> tuple[str, int] | None:
     path = Path(path)
     for d in path.parents:
         mark = _mark(d)
-        if mark is not None:
-            rel = path.relative_to(d).as_posix()
-            return (f"{mark['url']}/{rel}", int(mark["sizes"][rel])) if rel in mark["sizes"] else None
+        rel = path.relative_to(d).as_posix()
+        if mark is not None and rel in mark["sizes"]:
+            return f"{mark['url']}/{rel}", int(mark["sizes"][rel])
     return None
 
 

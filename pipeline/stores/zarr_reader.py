@@ -179,6 +179,7 @@ class StoreReader:
         self._open: dict[str, Any] = {}  # "engine:name" -> shard reader, tensorstore or zarr array
         self._pid = os.getpid()
         self.remote = remote_dir(self.path)  # its URL, when pulled without its shard files (pipeline.stores.mirror)
+        self._local: dict[str, bool] = {}  # array name -> all its shard files are here
 
     def verify(self, deep: bool = False) -> str | None:
         """None when every range is published with its shard files at their recorded sizes (and, when
@@ -254,7 +255,7 @@ class StoreReader:
         if self._pid != os.getpid():  # forked: do not share file state or thread pools with the parent
             self._open, self._pid = {}, os.getpid()
         numeric = is_numeric(self.specs[name].dtype)
-        in_place = numeric and self.remote is not None and not (self.path / name / "c").is_dir()
+        in_place = numeric and self.remote is not None and not self._all_local(name)
         if engine == "auto":
             engine = ("zarr" if not numeric else "tensorstore" if in_place
                       else "shard" if self._get(name, "shard")[1] is not None else "tensorstore")
@@ -273,6 +274,15 @@ class StoreReader:
                     arr = zarr.open_array(str(self.path / name), mode="r")
                 self._open[key] = _fast_reader(self.path / name, arr) if engine == "shard" else arr
         return engine, self._open[key]
+
+    def _all_local(self, name: str) -> bool:
+        """Whether every published shard file of array `name` is on this machine at its recorded size (a
+        store pulled without its shard files may hold some: those its machine wrote)."""
+        if name not in self._local:
+            files = self.published_files().get(name, [])
+            self._local[name] = all((f := self.path / name / e["key"]).is_file() and f.stat().st_size == e["bytes"]
+                                    for e in files)
+        return self._local[name]
 
     def array(self, name: str) -> zarr.Array:
         """The zarr array [N, *shape] (read-only), for slicing with zarr's own indexing (a tensorstore array
