@@ -30,6 +30,8 @@ from pipeline.datasets.center_crop import adm_center_crop
 from pipeline.datasets.sources import SourceError, SourceItem, fit_small, open_source
 from pipeline.progress import progress_bar
 from pipeline.stores.atomic import atomic_write_json, atomic_write_text
+from pipeline.stores.mirror import pull_source
+from pipeline.stores.objects import is_url
 from pipeline.stores.tar_shards import write_shard
 from pipeline.text.captions import CaptionError, image_captions
 from schemas.config import ExperimentConfig
@@ -152,9 +154,10 @@ def source_num_classes(source) -> int:
 def open_configured_source(cfg: ExperimentConfig):
     d = cfg.data
     try:
-        return open_source(d.source, d.path, count=d.synthetic_count, classes=d.synthetic_classes, seed=d.seed,
+        path = str(pull_source(d.path)) if is_url(d.path) else d.path  # on object storage: a local copy
+        return open_source(d.source, path, count=d.synthetic_count, classes=d.synthetic_classes, seed=d.seed,
                            size=max(64, d.resolution))
-    except SourceError as exc:
+    except (SourceError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
 
 

@@ -281,3 +281,71 @@ def test_two_features_at_once_on_one_workdir(aws, tmp_path, local_chain):
     assert again.returncode == 0 and "publishing" not in again.stderr, again.stderr[-2000:]
     got = _chain_outputs(config, machine(aws, tmp_path, "reader"), ("latents", "teacher"))
     _assert_same({k: local_chain[k] for k in got}, got)
+
+
+def test_a_source_on_object_storage_ingests_like_its_local_copy(s3, tmp_path, monkeypatch):
+    from pipeline.stores import mirror
+    from pipeline.stores.objects import ObjectURL, put_file
+    from tests.test_ingest import _class_folder
+
+    folder = _class_folder(tmp_path / "images")
+    u = ObjectURL.parse(url(tmp_path))
+    for f in sorted(folder.rglob("*.png")):
+        put_file(u, f"images/{f.relative_to(folder).as_posix()}", f)
+    outs = {}
+    for name, path in (("local", str(folder)), ("s3", f"{url(tmp_path)}/images")):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f'workdir = "{tmp_path / name}"\n[data]\nsource = "imagefolder"\npath = "{path}"\n'
+                          'resolution = 8\nshard_size = 8\n')
+        out = repa("ingest", "-c", str(config), env={"REPA_STAGING": str(tmp_path / "staging")})
+        assert out.returncode == 0, out.stderr[-2000:]
+        outs[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name / "ingest").glob("*.tar"))}
+    assert outs["local"] == outs["s3"] and len(outs["s3"]) == 3
+
+    calls: list[int] = []
+    real = mirror.WorkingCopy._download
+    monkeypatch.setattr(mirror.WorkingCopy, "_download", lambda self, objs: calls.append(1) or real(self, objs))
+    local = mirror.pull_source(f"{url(tmp_path)}/images")
+    assert calls == [] and sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == [
+        f"class{c}" for c in range(4)]  # unchanged since the ingest's pull: nothing fetched or hashed
+    with pytest.raises(FileNotFoundError):
+        mirror.pull_source(f"{url(tmp_path)}/nothing-here")
+
+
+def test_a_holder_that_loses_its_lock_stops(s3, tmp_path, monkeypatch):
+    import jobs.lock
+    from pipeline.stores.mirror import WorkingCopy
+    from pipeline.stores.objects import put_bytes
+
+    monkeypatch.setattr(jobs.lock, "LEASE_S", 0.8)
+    copy = WorkingCopy.of(url(tmp_path))
+    with pytest.raises(jobs.lock.StageBusy, match="lost its lock"):
+        with jobs.lock.hold_object(copy, copy.root / ".locks" / "x.lock", "stage x"):
+            put_bytes(copy.objects, ".locks/x.lock", b'{"pid": 1, "host": "elsewhere", "expires": 1e12}')
+            time.sleep(5)  # the next renewal finds another holder's object and interrupts this block
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from jobs.lock import hold_object
+from pipeline.stores.mirror import WorkingCopy
+copy = WorkingCopy.of(sys.argv[1])
+with hold_object(copy, copy.root / ".locks" / "ingest.lock", "the test"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_a_busy_stage_on_object_storage_exits_2_or_waits(aws, tmp_path):
+    config = s3_config(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **machine(aws, tmp_path, "holder")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url(tmp_path), "4"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    busy = repa("ingest", "-c", str(config), env=machine(aws, tmp_path, "other"))
+    assert busy.returncode == 2 and f"pid {holder.pid}" in busy.stderr and "--wait" in busy.stderr, busy.stderr
+    waited = repa("ingest", "-c", str(config), "--wait", env=machine(aws, tmp_path, "other"))
+    assert holder.wait(30) == 0
+    assert waited.returncode == 0 and "waiting for" in waited.stderr, waited.stderr[-2000:]

@@ -29,7 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.stores.atomic import atomic_write_json
-from pipeline.stores.objects import ObjectInfo, ObjectURL, delete, get_file, list_objects, md5_file, put_file
+from pipeline.stores.objects import (
+    ObjectInfo,
+    ObjectURL,
+    delete,
+    get_file,
+    head,
+    list_objects,
+    md5_file,
+    put_file,
+)
 
 MANIFEST = "manifest.json"
 REMOTE_MARK = ".remote"  # in a directory pulled without its bulk files: {"url", "sizes": {relative path: bytes}}
@@ -45,7 +54,7 @@ def transient(rel: str) -> bool:
     """Files that are never published: temporaries, scratch arrays, locks, the `.remote` mark."""
     parts = rel.split("/")
     name = parts[-1]
-    return (any(p in (".scratch", ".locks") for p in parts) or name == REMOTE_MARK or name.endswith(".tmp")
+    return (any(p in (".scratch", ".locks") for p in parts) or name in (REMOTE_MARK, PULLED) or name.endswith(".tmp")
             or (name.startswith(".") and (".tmp-" in name or ".old-" in name or ".tmp" in name)))
 
 
@@ -64,10 +73,15 @@ def _array_of(rel: str) -> str:
     return rel.split("/c/")[0].rsplit("/", 1)[1]
 
 
+def _below(rel: str, key: str) -> str:
+    """`key` relative to the directory `rel` ("" = the root) that holds it."""
+    return key[len(rel) + 1:] if rel else key
+
+
 def _excluded(rel: str, exclude: Sequence[str]) -> Callable[[str], bool]:
     """Whether a key lies in a first-level subdirectory of `rel` whose name starts with one of `exclude`."""
     def skip(key: str) -> bool:
-        sub = key[len(rel) + 1:].split("/", 1)
+        sub = _below(rel, key).split("/", 1)
         return len(sub) == 2 and sub[0].startswith(tuple(exclude)) if exclude else False
     return skip
 
@@ -112,7 +126,8 @@ class WorkingCopy:
         return ObjectURL.parse(self.url)
 
     def rel(self, path: Path) -> str:
-        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        rel = Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        return "" if rel == "." else rel
 
     # ------------------------------------------------------------------------------------------
     #                                          Pull
@@ -138,10 +153,10 @@ class WorkingCopy:
             bulk or ("/c/" in k and _array_of(k) not in numeric[store_of(k)]))]
         n += self._download(needed)
         got = {o.key for o in needed}
-        left = {k[len(rel) + 1:]: o.size for k, o in remote.items() if is_bulk(k) and k not in got}
+        left = {_below(rel, k): o.size for k, o in remote.items() if is_bulk(k) and k not in got}
         mark = directory / REMOTE_MARK
         if left:
-            atomic_write_json(mark, {"url": f"{self.url}/{rel}", "sizes": left}, indent=None)
+            atomic_write_json(mark, {"url": "/".join(p for p in (self.url, rel) if p), "sizes": left}, indent=None)
         else:
             mark.unlink(missing_ok=True)
         for f in sorted(p for p in directory.rglob("*") if p.is_file()) if directory.is_dir() and prune else []:
@@ -174,7 +189,7 @@ class WorkingCopy:
         manifests = [f for f in changed if f.rsplit("/", 1)[-1] == MANIFEST]
         n = self._upload([f for f in changed if f not in manifests])
         if prune:  # objects with no local file, except those a `.remote` mark says were left in the store
-            local = set(files) | {f"{self.rel(m.parent)}/{k}" for m in directory.rglob(REMOTE_MARK)
+            local = set(files) | {"/".join(p for p in (self.rel(m.parent), k) if p) for m in directory.rglob(REMOTE_MARK)
                                   for k in json.loads(m.read_text())["sizes"]}
             stale = [k for k in remote if k not in local and not transient(k)]
             with ThreadPoolExecutor(THREADS) as pool:
@@ -231,3 +246,37 @@ def remote_dir(path: Path) -> str | None:
             rel = path.relative_to(d).as_posix()
             return mark["url"] if rel == "." else f"{mark['url']}/{rel}"
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+#                                  Data sources on object storage
+# ----------------------------------------------------------------------------------------------
+
+PULLED = ".pulled.json"  # in a pulled source: the listing it was pulled from, so an unchanged source is not rehashed
+
+
+def pull_source(url: str) -> Path:
+    """The local copy of a data source on object storage (`data.path = "s3://bucket/prefix"`): one
+    object (an archive) or every object under a prefix (a folder), pulled into the staging area.
+    A source whose listing (keys, sizes, etags) is that of its last pull, with every file in place at
+    its size, is not downloaded or hashed again."""
+    u = ObjectURL.parse(url)
+    parent, _, name = u.key().rpartition("/")
+    folder = ObjectURL(u.bucket, parent)
+    single = head(folder, name) if name else None
+    copy = WorkingCopy.of(url if single is None else str(folder))
+    listing = [single] if single is not None else list(list_objects(u))
+    if single is None and not listing:
+        raise FileNotFoundError(f"{url}: no object under this prefix")
+    stamp = copy.root / PULLED
+    here = copy.root / single.key if single is not None else copy.root
+    record = {o.key: [o.size, o.etag] for o in listing}
+    try:
+        fresh = json.loads(stamp.read_text()) == record and all(
+            (copy.root / k).is_file() and (copy.root / k).stat().st_size == v[0] for k, v in record.items())
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
+        copy._download(listing)
+        atomic_write_json(stamp, record, indent=None)
+    return here
