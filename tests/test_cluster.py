@@ -59,6 +59,7 @@ def test_store_fan_out_and_two_workers_over_two_nodes_equal_one_process(tmp_path
     # both nodes ran tasks and training workers: each pulled what it read into its own working copy
     for root in nodes.values():
         assert list(root.rglob("store.zarr/zarr.json")), f"no task ran on the node of {root}"
+        assert list(root.rglob("ingest/shard-*.tar")) and not list(root.rglob("ingest/index.tsv"))  # its shards only
 
     os.environ.update(env)
     try:

@@ -56,21 +56,30 @@ class StoreJob:
     compression: str = "none"  # inside the shards of numeric arrays: "none" or "zstd"
     remote: tuple[str, str] | None = None  # (workdir URL, the caller's working copy) on object storage
 
-    def on_this_machine(self) -> StoreJob:
-        """This job with its paths in this machine's working copy, the store's metadata and the ingest
-        shards pulled there (a task on another machine of the cluster); itself on a local workdir."""
+    def on_this_machine(self, index: ShardIndex | None,
+                        ranges: list[tuple[int, int]]) -> tuple[StoreJob, ShardIndex | None]:
+        """(this job, `index`) with their paths in this machine's working copy: the store's metadata and
+        the ingest shards that `ranges` read pulled there (a task on another machine of the cluster,
+        given the caller's index); unchanged on a local workdir or on the caller's machine."""
         if self.remote is None:
-            return self
+            return self, index
         url, caller_root = self.remote
         copy = WorkingCopy.of(url)
         if copy.root == Path(caller_root):
-            return self
+            return self, index
+
         def here(p: str) -> str:
             return str(copy.root / Path(p).relative_to(caller_root))
+
         store, shards = here(self.store), tuple(map(here, self.shards))
-        copy.pull(Path(shards[0]).parent)
+        if index is None:
+            copy.pull(Path(shards[0]).parent)
+        else:
+            index = copy_index(index, list(shards))
+            needed = sorted({int(i) for a, b in ranges for i in np.unique(index.shard_ids[a:b])})
+            copy.pull_files([Path(shards[i]) for i in needed])
         copy.pull(Path(store), bulk=False, prune=False)
-        return dataclasses.replace(self, store=store, shards=shards)
+        return dataclasses.replace(self, store=store, shards=shards), index
 
     def publish_range(self, writer: StoreWriter, start: int, stop: int) -> None:
         """Upload a range just published in the working copy: its shard files, then its marker."""
@@ -120,6 +129,13 @@ def compute_range(job: StoreJob, index: ShardIndex, extractor: Extractor, device
     return arrays
 
 
+def copy_index(index: ShardIndex, paths: list[str]) -> ShardIndex:
+    """`index` reading the same shards at `paths` (another machine's working copy)."""
+    moved = ShardIndex.__new__(ShardIndex)
+    moved.__dict__.update(index.__dict__, paths=list(paths), _pid=-1, _fds={})
+    return moved
+
+
 def _write_and_publish(job: StoreJob, writer: StoreWriter, start: int, stop: int, arrays: dict) -> None:
     writer.write_range(start, stop, arrays)
     job.publish_range(writer, start, stop)
@@ -152,11 +168,11 @@ class RangeTask:
     job: StoreJob
     extractor: Extractor
     tick: Callable[[int], None] | None = None  # per-batch progress, in the calling process only
-    index: ShardIndex | None = None  # the caller's index, in the calling process only (else rebuilt from the shards)
+    index: ShardIndex | None = None  # the caller's index (in its process, or sent to other machines), else rebuilt
 
     def __call__(self, ranges: list[tuple[int, int]], device: torch.device, threads: int) -> int:
-        job = self.job.on_this_machine()
-        index = self.index or ShardIndex(list(job.shards))
+        job, index = self.job.on_this_machine(self.index, ranges)
+        index = index or ShardIndex(list(job.shards))
         self.extractor.setup(device)
         compute_ranges(job, index, self.extractor, device, ranges, self.tick)
         return sum(stop - start for start, stop in ranges)
@@ -191,7 +207,8 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
     begin = time.perf_counter()
     bar = progress_bar(total=total, unit="img", desc=desc, disable=total == 0)
     in_process = launcher == "local" and (num_workers == 1 or len(todo) == 1)
-    task = RangeTask(job, extractor, tick=bar.update if in_process else None, index=index if in_process else None)
+    task = RangeTask(job, extractor, tick=bar.update if in_process else None,
+                     index=index if in_process or job.remote is not None else None)  # remote: its shards only
     try:  # in this process: one task of every range (publication overlaps compute); else one per range
         fan_out(launcher, task, [todo] if in_process else [[r] for r in todo], num_workers=num_workers,
                 device=device, on_result=None if in_process else bar.update)

@@ -196,6 +196,15 @@ class WorkingCopy:
                 list(pool.map(lambda k: delete(self.objects, k), stale))
         return n + self._upload(manifests)
 
+    def pull_files(self, paths: list[Path]) -> int:
+        """Download these files (each one whole object) unless they are here and in sync."""
+        with ThreadPoolExecutor(THREADS) as pool:
+            objs = list(pool.map(lambda p: head(self.objects, self.rel(p)), paths))
+        missing = [p for p, o in zip(paths, objs, strict=True) if o is None]
+        if missing:
+            raise FileNotFoundError(f"{self.url}/{self.rel(missing[0])}: no such object")
+        return self._download(objs)
+
     def push_files(self, paths: Iterable[Path]) -> int:
         """Publish these files (each a whole object), e.g. a range or a checkpoint just made durable."""
         return self._upload([self.rel(p) for p in paths if Path(p).is_file()])
