@@ -206,3 +206,6 @@ def hold_object(copy: Any, path: Path, what: str, *, wait: bool = False,
             delete(url, rel, if_match=etag)
         except PreconditionFailed:
             pass  # no longer ours
+        except Exception:  # noqa: BLE001 - the store is unreachable now: the lease lapses on its own
+            if say is not None:
+                say(f"could not release the lock {url}/{rel}; it lapses in {LEASE_S:.0f} s")

@@ -314,6 +314,12 @@ class ExperimentConfig(Section):
     def _workdir(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("workdir must not be empty")
+        scheme, sep, rest = v.partition("://")
+        if sep and scheme != "s3":
+            raise ValueError(f"workdir {v!r}: only local paths and s3:// URLs (S3-compatible object storage) are "
+                             "supported")
+        if sep and not rest.split("/", 1)[0]:
+            raise ValueError(f"workdir {v!r} names no bucket: write s3://bucket/prefix")
         return v
 
     @model_validator(mode="after")

@@ -349,3 +349,14 @@ def test_a_busy_stage_on_object_storage_exits_2_or_waits(aws, tmp_path):
     waited = repa("ingest", "-c", str(config), "--wait", env=machine(aws, tmp_path, "other"))
     assert holder.wait(30) == 0
     assert waited.returncode == 0 and "waiting for" in waited.stderr, waited.stderr[-2000:]
+
+
+@pytest.mark.parametrize("workdir, message", [("gs://bucket/x", "only local paths and s3://"),
+                                              ("s3:///x", "names no bucket")])
+def test_a_workdir_url_the_pipeline_cannot_use_is_refused_when_the_config_loads(tmp_path, workdir, message):
+    from schemas.loading import ConfigError, load_config
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'workdir = "{workdir}"\n')
+    with pytest.raises(ConfigError, match=message):
+        load_config(config, [])

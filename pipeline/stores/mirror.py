@@ -43,7 +43,7 @@ from pipeline.stores.objects import (
 MANIFEST = "manifest.json"
 REMOTE_MARK = ".remote"  # in a directory pulled without its bulk files: {"url", "sizes": {relative path: bytes}}
 THREADS = 16
-_MD5: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> md5, so a file is hashed once
+_MD5: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> its md5 or the etag of its upload
 
 
 def staging_root() -> Path:
@@ -146,9 +146,9 @@ class WorkingCopy:
         rel = self.rel(directory)
         skip = _excluded(rel, exclude)
         remote = {o.key: o for o in list_objects(self.objects, rel) if not transient(o.key) and not skip(o.key)}
-        numeric = {store: _numeric_arrays(self.root / store) for store in {store_of(k) for k in remote if "/c/" in k}}
         n = self._download([o for k, o in remote.items() if not is_bulk(k)])
-        numeric = {store: _numeric_arrays(self.root / store) for store in numeric}  # their zarr.json is here now
+        numeric = {store: _numeric_arrays(self.root / store)  # from the stores' zarr.json, pulled just now
+                   for store in {store_of(k) for k in remote if "/c/" in k}}
         needed = [o for k, o in remote.items() if is_bulk(k) and (
             bulk or ("/c/" in k and _array_of(k) not in numeric[store_of(k)]))]
         n += self._download(needed)
@@ -210,8 +210,14 @@ class WorkingCopy:
         return self._upload([self.rel(p) for p in paths if Path(p).is_file()])
 
     def _upload(self, rels: list[str]) -> int:
+        def one(rel: str) -> None:
+            path = self.root / rel
+            st = path.stat()
+            etag = put_file(self.objects, rel, path)
+            _MD5[(str(path), st.st_size, st.st_mtime_ns)] = etag  # this content has this etag: not hashed again
+
         with ThreadPoolExecutor(THREADS) as pool:
-            list(pool.map(lambda r: put_file(self.objects, r, self.root / r), rels))
+            list(pool.map(one, rels))
         return len(rels)
 
     def forget(self, path: Path) -> None:

@@ -105,6 +105,9 @@ def _explain(exc: BaseException, what: str) -> ObjectStoreError:
                     "403") or status == 403:
             return ObjectStoreError(f"{what}: the object store at {where} refused the credentials ({code or status}): "
                                     "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE")
+        if code in ("NotImplemented", "501") or status == 501:
+            return ObjectStoreError(f"{what}: the object store at {where} does not implement a request this pipeline "
+                                    "needs (conditional writes: If-None-Match / If-Match on PUT); use a server that does")
         if code == "NoSuchBucket":
             return ObjectStoreError(f"{what}: bucket {ObjectURL.parse(what).bucket!r} does not exist at {where}")
         return ObjectStoreError(f"{what}: the object store at {where} answered {code or status}")
