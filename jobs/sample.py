@@ -191,6 +191,8 @@ def draw(plan: DrawPlan, todo: list[int], device: torch.device, tick=None) -> in
                             null_class=num_classes, generator=gen, heun_guidance=s.heun_guidance)
             images = samples_to_uint8(vae.decode(z))
         atomic_write_npz(Path(plan.parts) / f"batch-{i:06d}.npz", images=images, labels=labels[lo:hi])
+        if plan.remote is not None:  # object storage: a rerun on any machine resumes after this batch
+            WorkingCopy.of(plan.remote[0]).push_files([Path(plan.parts) / f"batch-{i:06d}.npz"])
         faults.point("sample.batch")
         if tick is not None:
             tick(hi - lo)
@@ -207,7 +209,7 @@ class DrawTask:
         plan = self.plan
         if plan.remote is None:
             return draw(plan, todo, device)
-        copy = WorkingCopy.of(plan.remote[0])  # this machine's working copy: the weights in, the batches out
+        copy = WorkingCopy.of(plan.remote[0])  # this machine's working copy: the weights in (draw publishes batches)
 
         def here(p: str) -> str:
             return str(copy.root / Path(p).relative_to(plan.remote[1]))
@@ -215,9 +217,7 @@ class DrawTask:
         plan = dataclasses.replace(plan, run_dir=here(plan.run_dir), parts=here(plan.parts))
         if plan.run_dir != self.plan.run_dir:
             copy.pull(Path(plan.run_dir), exclude=layout.NESTED["train"])
-        n = draw(plan, todo, device)
-        copy.push_files([Path(plan.parts) / f"batch-{i:06d}.npz" for i in todo])
-        return n
+        return draw(plan, todo, device)
 
 
 def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> None:
