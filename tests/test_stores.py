@@ -142,7 +142,8 @@ def test_every_read_engine_agrees_with_zarr(tmp_path, compression):
     reader = StoreReader(path)
     idx = np.array([36, 0, 17, 9, 8, 31, 0])
     for name in ("tokens", "tokens_q", "moments", "labels"):
-        assert reader._get(name)[0] == "shard", f"{name} should take the direct shard reader"
+        want = "shard" if compression == "none" else "tensorstore"  # compressed: tensorstore decodes faster
+        assert reader._get(name)[0] == want, f"{name} ({compression}) should be read by {want}"
         ref = np.asarray(reader.array(name).oindex[np.unique(idx)])[np.unique(idx, return_inverse=True)[1]]
         np.testing.assert_array_equal(ref, data[name][idx])
         for engine in ("auto", "shard", "tensorstore", "zarr"):
