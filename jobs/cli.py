@@ -269,6 +269,7 @@ def status(
         from jobs.run import pull_all
         from jobs.stage import probe_warning
 
+        _reader_copy(cfg)
         pull_all(cfg, bulk=deep)
         found = states(cfg, deep=deep)
         rows = [s.as_json() for s in found.values()]
@@ -300,7 +301,17 @@ def report(config: ConfigOpt = "configs/demo.toml", overrides: SetOpt = None, fo
     from jobs.report import report as make_report
 
     with _command(config, overrides) as cfg:
+        _reader_copy(cfg)
         make_report(cfg)
+
+
+def _reader_copy(cfg) -> None:
+    """`status` and `report` on an object-store workdir read it through a working copy of their own
+    ({staging}/.readers/...): their pulls never touch the files of a stage running on this machine."""
+    if is_url(cfg.workdir):
+        from pipeline.stores.mirror import staging_root
+
+        os.environ["REPA_STAGING"] = str(staging_root() / ".readers")
 
 
 @app.command()

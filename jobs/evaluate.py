@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs import layout
-from jobs.run import device_or_exit, publish, say, shard_paths, stage
+from jobs.run import device_or_exit, fetch, publish, pull_all, say, shard_paths, stage
 from jobs.stage import UsageError, canonical_json
 from pipeline.metrics import frechet_distance
 from pipeline.metrics.features import ShardImages, inception_features
@@ -134,6 +134,8 @@ def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict,
         stats = {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s}
         return stats, pool, str(path)
 
+    if run is None:  # `repa floor`, outside a stage: the states it reads from the object store
+        pull_all(cfg)
     shards_dir, manifest = _ingest_reference_images(cfg, run)
     key = hashlib.sha256(canonical_json({"images": manifest.fingerprint, "inception": e.inception,
                                          "limit": e.reference_limit if e.reference == "ingest" else 0})
@@ -144,6 +146,7 @@ def reference_statistics(cfg: ExperimentConfig, run, net, device) -> tuple[dict,
             data = {k: z[k] for k in z.files}
         say("evaluate", f"reference statistics from cache {cache}")
     else:
+        fetch(cfg, shard_paths(shards_dir, manifest))  # object storage: the reference shards, read whole
         index = ShardIndex(shard_paths(shards_dir, manifest))
         n = len(index) if e.reference != "ingest" or not e.reference_limit else min(len(index), e.reference_limit)
         feats = _features(net, ShardImages(index, n), e.batch_size, device, "reference",

@@ -154,11 +154,12 @@ def hold_object(copy: Any, path: Path, what: str, *, wait: bool = False,
             pass
         try:
             raw, seen = get_bytes(url, rel)
-            holder = json.loads(raw) if raw.strip() else None
         except FileNotFoundError:
             continue  # released between the two requests
+        try:
+            holder = json.loads(raw) if raw.strip() else None
         except ValueError:
-            holder, seen = None, ""
+            holder = None  # unreadable: treated as gone, taken over on its etag
         if _dead(holder):
             try:
                 etag = put_bytes(url, rel, body(), if_match=seen)
@@ -180,15 +181,20 @@ def hold_object(copy: Any, path: Path, what: str, *, wait: bool = False,
 
     def renew() -> None:
         nonlocal etag
+        renewed = time.time()
         while not stop.wait(LEASE_S / 4):
             try:
                 etag = put_bytes(url, rel, body(), if_match=etag)
-            except PreconditionFailed:
-                lost.set()
-                _thread.interrupt_main()  # another process holds it now: stop writing
-                return
-            except Exception:  # a network blip: the next renewal retries, the lease covers the gap
+                renewed = time.time()
                 continue
+            except PreconditionFailed:
+                pass  # another process holds it now
+            except Exception:  # noqa: BLE001 - a network blip: the next renewal retries while the lease lasts
+                if time.time() - renewed < LEASE_S / 2:
+                    continue
+            lost.set()  # taken over, or not renewed for half a lease: stop writing before another may start
+            _thread.interrupt_main()
+            return
 
     renewer = threading.Thread(target=renew, name="lock-lease", daemon=True)
     renewer.start()
@@ -196,8 +202,8 @@ def hold_object(copy: Any, path: Path, what: str, *, wait: bool = False,
         yield
     except KeyboardInterrupt:
         if lost.is_set():
-            raise StageBusy(f"{what}: this process lost its lock (its lease ran out); its output is left for a rerun "
-                            "to resume") from None
+            raise StageBusy(f"{what}: this process lost its lock (taken over, or not renewed for half its lease); "
+                            "its output is left for a rerun to resume") from None
         raise
     finally:
         stop.set()

@@ -31,7 +31,7 @@ from jobs.stage import (
 )
 from pipeline import faults
 from pipeline.stores.checksum import sha256_file
-from pipeline.stores.mirror import WorkingCopy
+from pipeline.stores.mirror import CallerCopy, WorkingCopy
 from schemas.config import ExperimentConfig
 from schemas.manifest import MANIFEST_NAME, Manifest, OutputEntry
 
@@ -107,9 +107,10 @@ def stage(name: str, cfg: ExperimentConfig, force: bool = False, wait: bool = Fa
     """
     directory = layout.SPECS[name].directory(cfg)
     copy = layout.working_copy(cfg)
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 locks and publishes
     try:
         with contextlib.ExitStack() as held:
-            if int(os.environ.get("RANK", "0")) == 0:
+            if writer:
                 what = f"stage {name} ({cfg.workdir if copy else directory})"
                 lock = (hold(lock_path(cfg, directory), what, wait=wait, say=lambda m: say(name, m)) if copy is None
                         else hold_object(copy, lock_path(cfg, directory), what, wait=wait, say=lambda m: say(name, m)))
@@ -118,10 +119,11 @@ def stage(name: str, cfg: ExperimentConfig, force: bool = False, wait: bool = Fa
                 pull_state(name, cfg, copy)
             run = begin(name, cfg, force)
             if copy is not None and run is not None:
-                copy.forget(directory / MANIFEST_NAME)  # a crash from here on leaves the stage 'missing' there too
+                if writer:
+                    copy.forget(directory / MANIFEST_NAME)  # a crash from here on leaves the stage 'missing' there too
                 pull_inputs(name, cfg, copy)
             yield run
-            if copy is not None and run is not None:
+            if copy is not None and run is not None and writer:
                 say(name, f"publishing to {copy.url}/{copy.rel(directory)}")
                 copy.push(directory, exclude=layout.NESTED.get(name, ()))
     except OSError as exc:
@@ -137,44 +139,62 @@ def stage(name: str, cfg: ExperimentConfig, force: bool = False, wait: bool = Fa
 #                                Object-store workdirs (pipeline.stores.mirror)
 # ----------------------------------------------------------------------------------------------
 
-# The upstream outputs a stage reads whole (pulled with their bulk files); every other upstream output
-# is pulled without them (manifests, metadata), and training reads the stores' shard files in place.
-BULK_INPUTS = {"latents": ("ingest",), "teacher": ("ingest",), "text": ("ingest",), "sample": ("train",),
-               "evaluate": ("ingest",)}
-
-
 def pull_state(name: str, cfg: ExperimentConfig, copy: WorkingCopy) -> None:
     """Pull what decides whether stage `name` is up to date: the manifests and metadata of every stage up
     to it (and of the reference images for evaluate), without bulk files."""
     order = layout.stages(cfg)
-    for up in order[: order.index(name) + 1] if name in order else (name,):
-        copy.pull(layout.SPECS[up].directory(cfg), bulk=False, exclude=layout.NESTED.get(up, ()))
+    for up in order[: order.index(name) + 1] if name in order else (name,):  # its own output: keep local progress
+        copy.pull(layout.SPECS[up].directory(cfg), bulk=False, exclude=layout.NESTED.get(up, ()), prune=up != name)
     if name == "evaluate":
         copy.pull(layout.workdir(cfg) / "reference", bulk=False)
 
 
 def pull_all(cfg: ExperimentConfig, bulk: bool = False) -> None:
-    """For the read-only commands (status, report): pull every stage's state (`bulk`: and data, to
-    hash it) when the workdir is on object storage."""
+    """For the commands outside a stage (status, report, floor): pull every stage's state (`bulk`: and
+    data, to hash it) when the workdir is on object storage; local files with no object are kept (but
+    manifests: a stage is never up to date here and not there)."""
     copy = layout.working_copy(cfg)
     if copy is not None:
         for name in layout.stages(cfg):
-            copy.pull(layout.SPECS[name].directory(cfg), bulk=bulk, exclude=layout.NESTED.get(name, ()))
+            copy.pull(layout.SPECS[name].directory(cfg), bulk=bulk, exclude=layout.NESTED.get(name, ()), prune=False)
 
 
 def pull_inputs(name: str, cfg: ExperimentConfig, copy: WorkingCopy) -> None:
-    """Pull what stage `name` reads whole before it runs: its own output (to resume) and BULK_INPUTS."""
+    """Pull what stage `name` reads whole before it runs: its own output (to resume) and bulk_inputs; every
+    other upstream output stays without its bulk files (training reads the stores' shard files in place)."""
     spec = layout.SPECS[name]
-    copy.pull(spec.directory(cfg), exclude=layout.NESTED.get(name, ()))
-    for up in BULK_INPUTS.get(name, ()):
-        if up in spec.inputs(cfg):
-            copy.pull(layout.SPECS[up].directory(cfg), exclude=layout.NESTED.get(up, ()))
+    copy.pull(spec.directory(cfg), exclude=layout.NESTED.get(name, ()), prune=False)
+    for up in bulk_inputs(name, cfg):
+        copy.pull(layout.SPECS[up].directory(cfg), exclude=layout.NESTED.get(up, ()))
 
 
-def remote_copy(cfg: ExperimentConfig) -> tuple[str, str] | None:
-    """(workdir URL, this machine's working copy) for tasks that may run on other machines, or None."""
+def bulk_inputs(name: str, cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The upstream outputs stage `name` reads whole: the ingest shards for the encoders, for training
+    with an online teacher and for evaluation against the ingested images; the checkpoints for sampling."""
+    if name in ("latents", "teacher", "text"):
+        return ("ingest",)
+    if name == "train":
+        return ("ingest",) if cfg.teacher.cache == "online" and cfg.train.align != "none" else ()
+    if name == "sample":
+        return ("train",)
+    if name == "evaluate":
+        return ("ingest",) if cfg.eval.reference == "ingest" else ()
+    return ()
+
+
+def remote_copy(cfg: ExperimentConfig) -> CallerCopy | None:
+    """This machine's working copy, for plans sent to tasks that may run on other machines; None on a
+    local workdir."""
     copy = layout.working_copy(cfg)
-    return (copy.url, str(copy.root)) if copy is not None else None
+    return CallerCopy.of(copy) if copy is not None else None
+
+
+def fetch(cfg: ExperimentConfig, paths: list[Path]) -> None:
+    """Download these files of the working copy when the workdir is on object storage (bulk files a
+    command reads whole outside its stage's pulls); nothing on a local workdir."""
+    copy = layout.working_copy(cfg)
+    if copy is not None:
+        copy.pull_files(list(paths))
 
 
 def publish(cfg: ExperimentConfig, *paths: Path) -> None:

@@ -41,7 +41,7 @@ from pipeline.sampling import image_grid, sample_labels, samples_to_uint8
 from pipeline.sampling import sample as run_sampler
 from pipeline.sampling.images import captioned_grid
 from pipeline.stores.atomic import atomic_write_bytes, atomic_write_npz
-from pipeline.stores.mirror import WorkingCopy
+from pipeline.stores.mirror import CallerCopy, WorkingCopy
 from pipeline.stores.npz import open_npz_array, write_npz_streamed
 from schemas.config import ExperimentConfig
 from schemas.manifest import OutputEntry
@@ -111,7 +111,7 @@ class DrawPlan:
     batches: tuple[tuple[int, int], ...]  # [lo, hi) of every batch
     labels: tuple[int, ...]  # labels of all samples (sample.labels; text-to-image: the prompts' classes, -1 unknown)
     prompts: tuple[str, ...] = ()  # text-to-image: the prompt of every sample
-    remote: tuple[str, str] | None = None  # object-store workdir: (its URL, the driver's working copy)
+    remote: CallerCopy | None = None  # object-store workdir: the working copy the paths above are in
 
 
 def text_condition(encoder, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -192,7 +192,7 @@ def draw(plan: DrawPlan, todo: list[int], device: torch.device, tick=None) -> in
             images = samples_to_uint8(vae.decode(z))
         atomic_write_npz(Path(plan.parts) / f"batch-{i:06d}.npz", images=images, labels=labels[lo:hi])
         if plan.remote is not None:  # object storage: a rerun on any machine resumes after this batch
-            WorkingCopy.of(plan.remote[0]).push_files([Path(plan.parts) / f"batch-{i:06d}.npz"])
+            WorkingCopy.of(plan.remote.url).push_files([Path(plan.parts) / f"batch-{i:06d}.npz"])
         faults.point("sample.batch")
         if tick is not None:
             tick(hi - lo)
@@ -207,16 +207,11 @@ class DrawTask:
 
     def __call__(self, todo: list[int], device: torch.device, threads: int) -> int:
         plan = self.plan
-        if plan.remote is None:
-            return draw(plan, todo, device)
-        copy = WorkingCopy.of(plan.remote[0])  # this machine's working copy: the weights in (draw publishes batches)
-
-        def here(p: str) -> str:
-            return str(copy.root / Path(p).relative_to(plan.remote[1]))
-
-        plan = dataclasses.replace(plan, run_dir=here(plan.run_dir), parts=here(plan.parts))
-        if plan.run_dir != self.plan.run_dir:
-            copy.pull(Path(plan.run_dir), exclude=layout.NESTED["train"])
+        copy = plan.remote.elsewhere() if plan.remote is not None else None
+        if copy is not None:  # another machine: the weights into its working copy (draw publishes the batches)
+            plan = dataclasses.replace(plan, run_dir=str(plan.remote.move(plan.run_dir, copy)),
+                                       parts=str(plan.remote.move(plan.parts, copy)))
+            copy.pull(Path(plan.run_dir), exclude=layout.NESTED["train"], prune=False)
         return draw(plan, todo, device)
 
 
@@ -231,7 +226,7 @@ def sample(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> No
         num_classes = int(train.extra["model_kwargs"]["num_classes"])
         prompts: list[str] = []
         if "text_dim" in train.extra["model_kwargs"]:  # text-to-image: prompts instead of labels
-            ingest_dir = Path(next(r.path for r in run.inputs["latents"].inputs if r.stage == "ingest"))
+            ingest_dir = layout.SPECS["ingest"].directory(cfg)  # here (a manifest records its writer's path)
             prompts, labels = sample_prompts(cfg, ingest_dir)
         else:
             labels = sample_labels(s.labels, s.num, num_classes, s.seed, s.batch_size)

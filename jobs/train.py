@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -176,9 +177,10 @@ def worker_main(plan: TrainPlan) -> dict:
     from pipeline.train.data import TrainDataset
     from pipeline.train.loop import training_loop
 
-    plan = plan.on_this_machine()
-    cfg, info, worker = plan.config, plan.teacher, current_context()
-    copy = WorkingCopy.of(plan.remote[0]) if plan.remote and worker.rank == 0 else None  # this machine's
+    worker = current_context()
+    plan = plan.on_this_machine(worker.rank)
+    cfg, info = plan.config, plan.teacher
+    copy = WorkingCopy.of(plan.remote.url) if plan.remote and worker.rank == 0 else None  # this machine's
 
     def publish_run(_checkpoint: Path | None = None) -> None:  # rank 0, object storage: what a rerun resumes from
         if copy is not None:
@@ -248,7 +250,7 @@ def train(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> Non
         teacher_store = run.upstream["teacher"].path / "store.zarr" if teacher else None
         check_stores(latents_store, teacher_store, teacher.extra if teacher else None,
                      {name: st.fingerprint for name, st in run.upstream.items()})
-        ingest_dir = Path(next(ref.path for ref in latents.inputs if ref.stage == "ingest"))
+        ingest_dir = layout.SPECS["ingest"].directory(cfg)  # here (a manifest records its writer's path)
         plan = TrainPlan(
             config=cfg, run_dir=run_dir, latents_store=latents_store.resolve(),
             teacher_store=teacher_store.resolve() if teacher_store else None,
@@ -266,6 +268,9 @@ def train(cfg: ExperimentConfig, force: bool = False, wait: bool = False) -> Non
         if teacher and (teacher.extra.get("probe") or {}).get("verdict") == "suspect":
             say("train", "WARNING: " + probe_warning(teacher.extra["probe"]))
         (run_dir / RESULT).unlink(missing_ok=True)
+        if force and plan.remote is not None:  # start over: the old checkpoints go from the object store now, so
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a run killed before its first one
+            layout.working_copy(cfg).push(run_dir, exclude=layout.NESTED["train"])  # cannot resume from them
 
         from pipeline.launch import launcher
 

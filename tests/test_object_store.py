@@ -360,3 +360,36 @@ def test_a_workdir_url_the_pipeline_cannot_use_is_refused_when_the_config_loads(
     config.write_text(f'workdir = "{workdir}"\n')
     with pytest.raises(ConfigError, match=message):
         load_config(config, [])
+
+
+def test_a_plan_is_moved_to_another_machine_even_where_the_staging_paths_are_equal(s3, tmp_path, monkeypatch):
+    from pipeline.stores import mirror
+
+    caller = mirror.CallerCopy.of(mirror.WorkingCopy.of(url(tmp_path)))
+    assert caller.elsewhere() is None  # the caller's own copy: its paths are valid as they are
+    monkeypatch.setattr(mirror, "machine_id", lambda: "another-node/boot")
+    here = caller.elsewhere()
+    assert here is not None and here.root == Path(caller.root)  # same path, another machine: pull there
+    assert caller.move(Path(caller.root) / "ingest" / "x.tar", here) == here.root / "ingest" / "x.tar"
+
+
+def test_bulk_files_of_another_build_are_dropped_by_a_pull_without_them(s3, tmp_path, monkeypatch):
+    from pipeline.stores.mirror import WorkingCopy
+
+    a = WorkingCopy.of(url(tmp_path))
+    out = a.root / "ingest"
+    out.mkdir(parents=True)
+    (out / "shard-000000.tar").write_bytes(b"old images")
+    (out / "manifest.json").write_text('{"build": 1}\n')
+    a.push(out)
+    monkeypatch.setenv("REPA_STAGING", str(tmp_path / "b"))
+    b = WorkingCopy.of(url(tmp_path))
+    b.pull(b.root / "ingest")  # machine b holds build 1, tar included
+    (out / "shard-000000.tar").write_bytes(b"new images")  # same size, other bytes: rebuilt on machine a
+    (out / "manifest.json").write_text('{"build": 2}\n')
+    a.push(out)
+    b.pull(b.root / "ingest", bulk=False)
+    assert not (b.root / "ingest" / "shard-000000.tar").exists()  # not trusted for its size: gone
+    b.pull(b.root / "ingest", bulk=False)  # the same build again: nothing to drop, nothing fetched
+    b.pull(b.root / "ingest")
+    assert (b.root / "ingest" / "shard-000000.tar").read_bytes() == b"new images"

@@ -30,7 +30,7 @@ import torch
 
 from pipeline.launch.tasks import fan_out
 from pipeline.progress import progress_bar
-from pipeline.stores.mirror import WorkingCopy
+from pipeline.stores.mirror import CallerCopy, WorkingCopy
 from pipeline.stores.tar_shards import ShardIndex
 from pipeline.stores.zarr_layout import RANGES_DIR
 from pipeline.stores.zarr_store import ArraySpec, StoreWriter
@@ -54,22 +54,19 @@ class StoreJob:
     batch_size: int
     keys_width: int  # fixed width of the `keys` string array
     compression: str = "none"  # inside the shards of numeric arrays: "none" or "zstd"
-    remote: tuple[str, str] | None = None  # (workdir URL, the caller's working copy) on object storage
+    remote: CallerCopy | None = None  # on object storage: the working copy the paths above are in
 
     def on_this_machine(self, index: ShardIndex | None,
                         ranges: list[tuple[int, int]]) -> tuple[StoreJob, ShardIndex | None]:
         """(this job, `index`) with their paths in this machine's working copy: the store's metadata and
         the ingest shards that `ranges` read pulled there (a task on another machine of the cluster,
         given the caller's index); unchanged on a local workdir or on the caller's machine."""
-        if self.remote is None:
-            return self, index
-        url, caller_root = self.remote
-        copy = WorkingCopy.of(url)
-        if copy.root == Path(caller_root):
+        copy = self.remote.elsewhere() if self.remote is not None else None
+        if copy is None:
             return self, index
 
         def here(p: str) -> str:
-            return str(copy.root / Path(p).relative_to(caller_root))
+            return str(self.remote.move(p, copy))
 
         store, shards = here(self.store), tuple(map(here, self.shards))
         if index is None:
@@ -85,7 +82,7 @@ class StoreJob:
         """Upload a range just published in the working copy: its shard files, then its marker."""
         if self.remote is None:
             return
-        copy = WorkingCopy.of(self.remote[0])
+        copy = WorkingCopy.of(self.remote.url)
         marker = Path(self.store) / RANGES_DIR / f"{start}-{stop}"
         files = json.loads(marker.read_text())["files"]
         copy.push_files([Path(self.store) / name / e["key"] for name, entries in files.items() for e in entries])
@@ -192,14 +189,17 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
     fingerprint) equal the job's; otherwise, or with `fresh`, it is rebuilt from scratch.
     """
     writer = job.writer(len(index))
+    rebuilt = fresh
     try:
         writer.create(overwrite=fresh)
     except ValueError as exc:
         reason = "written for another configuration" if "fingerprint" in str(exc) else str(exc).split(". Delete")[0]
         print(f"[{desc}] rebuilding {job.store}: {reason}", file=sys.stderr, flush=True)
         writer.create(overwrite=True)
-    if job.remote is not None:  # the store's metadata first, so ranges published from here on can be resumed
-        WorkingCopy.of(job.remote[0]).push(Path(job.store), prune=False)
+        rebuilt = True
+    if job.remote is not None:  # the store's metadata first, so ranges published from here on can be resumed;
+        # a rebuilt store's old ranges and shard files go from the object store too (a rerun must not count them)
+        WorkingCopy.of(job.remote.url).push(Path(job.store), prune=rebuilt)
     done = writer.done()
     todo = [r for r in writer.ranges() if r[0] not in done]
     total = sum(stop - start for start, stop in todo)
@@ -216,7 +216,7 @@ def run_store_job(job: StoreJob, index: ShardIndex, extractor: Extractor, *, dev
         bar.close()
     seconds = time.perf_counter() - begin
     if job.remote is not None:  # ranges published by tasks on other machines: their markers
-        WorkingCopy.of(job.remote[0]).pull(Path(job.store), bulk=False, prune=False)
+        WorkingCopy.of(job.remote.url).pull(Path(job.store), bulk=False, prune=False)
     writer.finish()  # raises if a range is missing; drops the scratch area
     return {
         "images_computed": total,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,6 +87,13 @@ def _excluded(rel: str, exclude: Sequence[str]) -> Callable[[str], bool]:
     return skip
 
 
+def _bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 def _md5(path: Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
@@ -137,15 +145,17 @@ class WorkingCopy:
         """Make `directory` (under the root) equal to its objects; returns the files downloaded.
 
         Local files without an object there are removed (a manifest that the store no longer has
-        must not make a stage look up to date). bulk=False leaves the bulk files (is_bulk) in the
+        must not make a stage look up to date; with prune=False only manifests, and bulk files of a
+        directory whose manifest changed: another build's). bulk=False leaves the bulk files (is_bulk) in the
         object store (the string arrays of a store are pulled: only zarr reads them) and lists them in
         the directory's `.remote` mark; a local copy of such a file is used where its size is right. `exclude`:
         first-level subdirectories that are other stages' outputs (a run's samples and eval). prune=False
-        keeps local files that have no object (a stage's output still being written here).
+        keeps other local files that have no object (a stage's output still being written here).
         """
         rel = self.rel(directory)
         skip = _excluded(rel, exclude)
         remote = {o.key: o for o in list_objects(self.objects, rel) if not transient(o.key) and not skip(o.key)}
+        before = _bytes(directory / MANIFEST)
         n = self._download([o for k, o in remote.items() if not is_bulk(k)])
         numeric = {store: _numeric_arrays(self.root / store)  # from the stores' zarr.json, pulled just now
                    for store in {store_of(k) for k in remote if "/c/" in k}}
@@ -159,9 +169,15 @@ class WorkingCopy:
             atomic_write_json(mark, {"url": "/".join(p for p in (self.url, rel) if p), "sizes": left}, indent=None)
         else:
             mark.unlink(missing_ok=True)
-        for f in sorted(p for p in directory.rglob("*") if p.is_file()) if directory.is_dir() and prune else []:
+        # Local files with no object: a manifest always goes; the rest with `prune`; and bulk files left in
+        # the store whose directory now has another manifest than before belong to another build.
+        other_build = (directory / MANIFEST).is_file() and _bytes(directory / MANIFEST) != before
+        for f in sorted(p for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else []:
             r = self.rel(f)
-            if r not in remote and not transient(r) and not skip(r) and (bulk or not is_bulk(r)):
+            if transient(r) or skip(r):
+                continue
+            if (not bulk and is_bulk(r) and other_build and r not in got) or (
+                    r not in remote and (f.name == MANIFEST or (prune and (bulk or not is_bulk(r))))):
                 f.unlink()
         return n
 
@@ -223,6 +239,42 @@ class WorkingCopy:
     def forget(self, path: Path) -> None:
         """Delete the object of `path` (a manifest invalidated before its stage reruns)."""
         delete(self.objects, self.rel(path))
+
+
+def machine_id() -> str:
+    """This machine: host name and boot id (two nodes with one host name, or a rebooted one, differ)."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return f"{socket.gethostname()}/{boot.read_text().strip() if boot.is_file() else ''}"
+
+
+@dataclass(frozen=True)
+class CallerCopy:
+    """The working copy whose paths a plan names (its caller's), sent with the plan to tasks and workers
+    that may run on other machines."""
+
+    url: str  # the workdir on object storage
+    root: str  # the caller's working copy, as its paths spell it
+    resolved: str  # the same, resolved
+    machine: str  # machine_id() of the caller
+
+    @classmethod
+    def of(cls, copy: WorkingCopy) -> CallerCopy:
+        return cls(copy.url, str(copy.root), str(copy.root.resolve()), machine_id())
+
+    def elsewhere(self) -> WorkingCopy | None:
+        """This machine's working copy when it is not the caller's (another machine, or another staging
+        root on this one), else None: the plan's paths are valid here as they are."""
+        here = WorkingCopy.of(self.url)
+        return None if machine_id() == self.machine and str(here.root.resolve()) == self.resolved else here
+
+    def move(self, path: str | Path, here: WorkingCopy) -> Path:
+        """A path of the caller's working copy, in the working copy `here`."""
+        for base in (self.root, self.resolved):
+            try:
+                return here.root / Path(path).relative_to(base)
+            except ValueError:
+                continue
+        raise ValueError(f"{path} is not in the working copy {self.root} of {self.url}")
 
 
 _MARKS: dict[tuple[str, int], dict] = {}
@@ -293,5 +345,9 @@ def pull_source(url: str) -> Path:
         fresh = False
     if not fresh:
         copy._download(listing)
+        if single is None:  # images deleted from the source are not ingested again
+            for f in [p for p in copy.root.rglob("*") if p.is_file() and p != stamp]:
+                if copy.rel(f) not in record and not transient(copy.rel(f)):
+                    f.unlink()
         atomic_write_json(stamp, record, indent=None)
     return here

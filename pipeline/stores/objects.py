@@ -153,7 +153,10 @@ def md5_file(path: Path, block: int = 8 << 20) -> str:
 def check_access(url: ObjectURL) -> None:
     """Raise ObjectStoreError (one line) unless the bucket of `url` is reachable with these credentials."""
     c = client()
-    _call(str(url), c.head_bucket, Bucket=url.bucket)
+    try:
+        _call(str(url), c.head_bucket, Bucket=url.bucket)
+    except FileNotFoundError:  # HeadBucket's 404 carries no error code
+        raise ObjectStoreError(f"{url}: bucket {url.bucket!r} does not exist at {endpoint() or 'AWS S3'}") from None
 
 
 def list_objects(url: ObjectURL, rel: str = "") -> Iterator[ObjectInfo]:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.stores.mirror import CallerCopy
 from schemas.config import ExperimentConfig, TrainConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -68,30 +69,29 @@ class TrainPlan(BaseModel):
     dataset_classes: int  # classes in the stores' labels
     model_kwargs: dict[str, Any]  # the backbone's constructor arguments (latent geometry + [model])
     resume: Literal["auto", "never"] = "auto"  # never: --force, start over
-    remote: tuple[str, str] | None = None  # object-store workdir: (its URL, the driver's working copy)
+    remote: CallerCopy | None = None  # object-store workdir: the working copy the paths above are in
 
-    def on_this_machine(self) -> TrainPlan:
+    def on_this_machine(self, rank: int = 0) -> TrainPlan:
         """This plan with its paths in this machine's working copy of an object-store workdir, the
-        stores' metadata and the run directory (to resume) pulled there; itself when the driver's
-        working copy is this machine's (or the workdir is local)."""
-        if self.remote is None:
-            return self
-        from pipeline.stores.mirror import WorkingCopy
-
-        url, driver_root = self.remote
-        copy = WorkingCopy.of(url)
-        if copy.root == Path(driver_root):
+        stores' metadata pulled there (and the run directory, to resume: rank 0 prunes it to the store's
+        objects, other ranks only download), the ingest shards of an online teacher too; itself where
+        the caller's paths are valid."""
+        copy = self.remote.elsewhere() if self.remote is not None else None
+        if copy is None:
             return self
 
         def here(p: Path | None) -> Path | None:
-            return None if p is None else copy.root / Path(p).relative_to(driver_root)
+            return None if p is None else self.remote.move(p, copy)
 
         moved = {k: here(getattr(self, k)) for k in ("run_dir", "latents_store", "teacher_store", "text_store")}
         for store in ("latents_store", "teacher_store", "text_store"):
             if moved[store] is not None:
                 copy.pull(moved[store].parent, bulk=False)
-        copy.pull(moved["run_dir"], exclude=("samples", "eval", "ray"))  # jobs.layout.NESTED["train"]
-        return self.model_copy(update=moved | {"shards": tuple(map(here, self.shards))})
+        copy.pull(moved["run_dir"], exclude=("samples", "eval", "ray"), prune=rank == 0)  # layout.NESTED["train"]
+        shards = tuple(map(here, self.shards))
+        if shards:
+            copy.pull_files(list(shards))
+        return self.model_copy(update=moved | {"shards": shards})
 
 
 # ----------------------------------------------------------------------------------------------
