@@ -206,11 +206,9 @@ def workdir(cfg: ExperimentConfig) -> Path:
     return copy.root if copy is not None else Path(cfg.workdir)
 
 
-_workdir = workdir
-
 
 def _run_dir(cfg: ExperimentConfig) -> Path:
-    return _workdir(cfg) / "runs" / run_name(cfg)
+    return workdir(cfg) / "runs" / run_name(cfg)
 
 
 def _checkpoint_suffix(cfg: ExperimentConfig) -> str:
@@ -257,16 +255,16 @@ def _variant(cfg: ExperimentConfig, keys: tuple[str, ...], label: str) -> str:
 
 
 def _latents_dir(cfg: ExperimentConfig) -> Path:
-    return _workdir(cfg) / "latents" / _variant(cfg, LATENT_KEYS, cfg.vae.name)
+    return workdir(cfg) / "latents" / _variant(cfg, LATENT_KEYS, cfg.vae.name)
 
 
 def _teacher_dir(cfg: ExperimentConfig) -> Path:
     t = cfg.teacher
-    return _workdir(cfg) / "teacher" / _variant(cfg, TEACHER_KEYS, f"{t.name}-{t.resolution}px-{t.cache}")
+    return workdir(cfg) / "teacher" / _variant(cfg, TEACHER_KEYS, f"{t.name}-{t.resolution}px-{t.cache}")
 
 
 def _text_dir(cfg: ExperimentConfig) -> Path:
-    return _workdir(cfg) / "text" / _variant(cfg, TEXT_KEYS, cfg.text.name.split("/")[-1])
+    return workdir(cfg) / "text" / _variant(cfg, TEXT_KEYS, cfg.text.name.split("/")[-1])
 
 
 def variants(cfg: ExperimentConfig) -> dict[str, list[Path]]:
@@ -280,7 +278,7 @@ def variants(cfg: ExperimentConfig) -> dict[str, list[Path]]:
 
 
 SPECS: dict[str, StageSpec] = {
-    "ingest": StageSpec("ingest", 1, ingest_keys, lambda c: (), lambda c: _workdir(c) / "ingest",
+    "ingest": StageSpec("ingest", 1, ingest_keys, lambda c: (), lambda c: workdir(c) / "ingest",
                         _outputs_verify),
     "latents": StageSpec("latents", 1, lambda c: LATENT_KEYS, lambda c: ("ingest",), _latents_dir, _outputs_verify),
     "teacher": StageSpec("teacher", 1, lambda c: TEACHER_KEYS, lambda c: ("ingest",), _teacher_dir, _outputs_verify),

@@ -76,6 +76,12 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
         return None
 
 
+def _record() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}
+
+
 @contextmanager
 def hold(path: Path, what: str, *, wait: bool = False, say: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the exclusive lock `path` for the block. Busy: StageBusy naming the holder, or (wait)
@@ -93,11 +99,8 @@ def hold(path: Path, what: str, *, wait: bool = False, say: Callable[[str], None
             if say is not None:
                 say(f"waiting for {holder}, which is writing {what}")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.pwrite(fd, json.dumps(_record()).encode(), 0)
         try:
             yield
         finally:
@@ -111,12 +114,6 @@ def hold(path: Path, what: str, *, wait: bool = False, say: Callable[[str], None
 # ----------------------------------------------------------------------------------------------
 
 LEASE_S = float(os.environ.get("REPA_LOCK_LEASE_S", "60"))  # a holder that has not renewed for this long is dead
-
-
-def _record() -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}
 
 
 def _dead(holder: dict[str, Any] | None) -> bool:

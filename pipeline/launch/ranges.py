@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -78,15 +77,14 @@ class StoreJob:
         copy.pull(Path(store), bulk=False, prune=False)
         return dataclasses.replace(self, store=store, shards=shards), index
 
-    def publish_range(self, writer: StoreWriter, start: int, stop: int) -> None:
-        """Upload a range just published in the working copy: its shard files, then its marker."""
+    def publish_range(self, marker: dict[str, Any]) -> None:
+        """Upload a range just published in the working copy (its marker, from StoreWriter.write_range):
+        its shard files, then the marker file."""
         if self.remote is None:
             return
         copy = WorkingCopy.of(self.remote.url)
-        marker = Path(self.store) / RANGES_DIR / f"{start}-{stop}"
-        files = json.loads(marker.read_text())["files"]
-        copy.push_files([Path(self.store) / name / e["key"] for name, entries in files.items() for e in entries])
-        copy.push_files([marker])
+        copy.push_files([Path(self.store) / name / e["key"] for name, entries in marker["files"].items() for e in entries])
+        copy.push_files([Path(self.store) / RANGES_DIR / f"{marker['start']}-{marker['stop']}"])
 
     def writer(self, num_samples: int) -> StoreWriter:
         return StoreWriter(self.store, num_samples, list(self.specs), self.samples_per_shard, self.attrs,
@@ -134,8 +132,7 @@ def copy_index(index: ShardIndex, paths: list[str]) -> ShardIndex:
 
 
 def _write_and_publish(job: StoreJob, writer: StoreWriter, start: int, stop: int, arrays: dict) -> None:
-    writer.write_range(start, stop, arrays)
-    job.publish_range(writer, start, stop)
+    job.publish_range(writer.write_range(start, stop, arrays))
 
 
 def compute_ranges(job: StoreJob, index: ShardIndex, extractor: Extractor, device: torch.device,

@@ -15,13 +15,18 @@ from pipeline.stores.atomic import PathLike
 HASH_BLOCK = 1 << 20  # bytes read at a time
 
 
-def sha256_file(path: PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+def file_digest(path: PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (md5: to compare with an S3 object's ETag)."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         while block := f.read(HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    return file_digest(path, "sha256")
 
 
 def combined_digest(named: Iterable[tuple[str, str]]) -> str:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.stores.atomic import atomic_write_json
+from pipeline.stores.checksum import file_digest
 from pipeline.stores.objects import (
     ObjectInfo,
     ObjectURL,
@@ -37,12 +38,12 @@ from pipeline.stores.objects import (
     get_file,
     head,
     list_objects,
-    md5_file,
     put_file,
 )
+from schemas.manifest import MANIFEST_NAME
 
-MANIFEST = "manifest.json"
 REMOTE_MARK = ".remote"  # in a directory pulled without its bulk files: {"url", "sizes": {relative path: bytes}}
+PULLED = ".pulled.json"  # in a pulled source: the listing it was pulled from, so an unchanged source is not rehashed
 THREADS = 16
 _MD5: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> its md5 or the etag of its upload
 
@@ -56,7 +57,7 @@ def transient(rel: str) -> bool:
     parts = rel.split("/")
     name = parts[-1]
     return (any(p in (".scratch", ".locks") for p in parts) or name in (REMOTE_MARK, PULLED) or name.endswith(".tmp")
-            or (name.startswith(".") and (".tmp-" in name or ".old-" in name or ".tmp" in name)))
+            or (name.startswith(".") and (".tmp" in name or ".old-" in name)))
 
 
 def is_bulk(rel: str) -> bool:
@@ -98,7 +99,7 @@ def _md5(path: Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _MD5:
-        _MD5[key] = md5_file(path)
+        _MD5[key] = file_digest(path, "md5")
     return _MD5[key]
 
 
@@ -155,10 +156,10 @@ class WorkingCopy:
         rel = self.rel(directory)
         skip = _excluded(rel, exclude)
         remote = {o.key: o for o in list_objects(self.objects, rel) if not transient(o.key) and not skip(o.key)}
-        before = _bytes(directory / MANIFEST)
+        before = _bytes(directory / MANIFEST_NAME)
         n = self._download([o for k, o in remote.items() if not is_bulk(k)])
-        numeric = {store: _numeric_arrays(self.root / store)  # from the stores' zarr.json, pulled just now
-                   for store in {store_of(k) for k in remote if "/c/" in k}}
+        numeric = {} if bulk else {store: _numeric_arrays(self.root / store)  # from their zarr.json, just pulled
+                                   for store in {store_of(k) for k in remote if "/c/" in k}}
         needed = [o for k, o in remote.items() if is_bulk(k) and (
             bulk or ("/c/" in k and _array_of(k) not in numeric[store_of(k)]))]
         n += self._download(needed)
@@ -171,13 +172,13 @@ class WorkingCopy:
             mark.unlink(missing_ok=True)
         # Local files with no object: a manifest always goes; the rest with `prune`; and bulk files left in
         # the store whose directory now has another manifest than before belong to another build.
-        other_build = (directory / MANIFEST).is_file() and _bytes(directory / MANIFEST) != before
+        other_build = (directory / MANIFEST_NAME).is_file() and _bytes(directory / MANIFEST_NAME) != before
         for f in sorted(p for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else []:
             r = self.rel(f)
             if transient(r) or skip(r):
                 continue
             if (not bulk and is_bulk(r) and other_build and r not in got) or (
-                    r not in remote and (f.name == MANIFEST or (prune and (bulk or not is_bulk(r))))):
+                    r not in remote and (f.name == MANIFEST_NAME or (prune and (bulk or not is_bulk(r))))):
                 f.unlink()
         return n
 
@@ -202,11 +203,11 @@ class WorkingCopy:
         files = [f for f in files if not transient(f) and not skip(f)]
         remote = {o.key: o for o in list_objects(self.objects, rel) if not skip(o.key)}
         changed = [f for f in files if f not in remote or not in_sync(self.root / f, remote[f])]
-        manifests = [f for f in changed if f.rsplit("/", 1)[-1] == MANIFEST]
+        manifests = [f for f in changed if f.rsplit("/", 1)[-1] == MANIFEST_NAME]
         n = self._upload([f for f in changed if f not in manifests])
         if prune:  # objects with no local file, except those a `.remote` mark says were left in the store
             local = set(files) | {"/".join(p for p in (self.rel(m.parent), k) if p) for m in directory.rglob(REMOTE_MARK)
-                                  for k in json.loads(m.read_text())["sizes"]}
+                                  for k in _mark(m.parent)["sizes"]}
             stale = [k for k in remote if k not in local and not transient(k)]
             with ThreadPoolExecutor(THREADS) as pool:
                 list(pool.map(lambda k: delete(self.objects, k), stale))
@@ -291,14 +292,20 @@ def _mark(directory: Path) -> dict | None:
     return _MARKS[key]
 
 
+def _marks(path: Path) -> Iterator[tuple[str, dict]]:
+    """(path relative to the directory, its `.remote` mark) for `path` and each directory above it that
+    has one, nearest first."""
+    for d in [path, *path.parents]:
+        mark = _mark(d)
+        if mark is not None:
+            yield path.relative_to(d).as_posix(), mark
+
+
 def remote_file(path: Path) -> tuple[str, int] | None:
     """(URL, bytes) of the object a missing local file stands for, when a directory above it was pulled
     without its bulk files; else None."""
-    path = Path(path)
-    for d in path.parents:
-        mark = _mark(d)
-        rel = path.relative_to(d).as_posix()
-        if mark is not None and rel in mark["sizes"]:
+    for rel, mark in _marks(Path(path)):
+        if rel in mark["sizes"]:
             return f"{mark['url']}/{rel}", int(mark["sizes"][rel])
     return None
 
@@ -306,21 +313,14 @@ def remote_file(path: Path) -> tuple[str, int] | None:
 def remote_dir(path: Path) -> str | None:
     """The URL of directory `path` when it, or a directory above it, was pulled without its bulk files;
     else None."""
-    path = Path(path)
-    for d in [path, *path.parents]:
-        mark = _mark(d)
-        if mark is not None:
-            rel = path.relative_to(d).as_posix()
-            return mark["url"] if rel == "." else f"{mark['url']}/{rel}"
+    for rel, mark in _marks(Path(path)):
+        return mark["url"] if rel == "." else f"{mark['url']}/{rel}"
     return None
 
 
 # ----------------------------------------------------------------------------------------------
 #                                  Data sources on object storage
 # ----------------------------------------------------------------------------------------------
-
-PULLED = ".pulled.json"  # in a pulled source: the listing it was pulled from, so an unchanged source is not rehashed
-
 
 def pull_source(url: str) -> Path:
     """The local copy of a data source on object storage (`data.path = "s3://bucket/prefix"`): one

@@ -14,7 +14,6 @@ reader ever sees a partial object), a read after a successful write sees it, and
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,9 +56,6 @@ class ObjectURL:
     def key(self, rel: str = "") -> str:
         rel = rel.strip("/")
         return "/".join(p for p in (self.prefix, rel) if p)
-
-    def join(self, *parts: str) -> ObjectURL:
-        return ObjectURL(self.bucket, self.key("/".join(parts)))
 
     def __str__(self) -> str:
         return f"{SCHEME}{self.bucket}/{self.prefix}".rstrip("/")
@@ -140,14 +136,6 @@ class ObjectInfo:
     key: str
     size: int
     etag: str  # without quotes; the MD5 of the bytes for objects written by single PUTs
-
-
-def md5_file(path: Path, block: int = 8 << 20) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_access(url: ObjectURL) -> None:

@@ -179,8 +179,9 @@ class StoreWriter:
                 found.add(start)
         return found
 
-    def write_range(self, start: int, stop: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Publish samples [start, stop) of every array atomically (scratch, os.replace, marker).
+    def write_range(self, start: int, stop: int, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Publish samples [start, stop) of every array atomically (scratch, os.replace, marker); returns
+        the range's marker {start, stop, files: {array: [{key, bytes, sha256}]}}.
 
         arrays: {spec name: array [stop - start, *spec.shape]} for every spec, cast to the spec's
                 dtype with numpy's same-kind casting (float32 -> float16 is fine, float -> int is not);
@@ -218,6 +219,7 @@ class StoreWriter:
             marker = {"start": start, "stop": stop, "files": files}
             atomic_write_json(self.path / RANGES_DIR / f"{start}-{stop}", marker)
             faults.point("store.range")
+            return marker
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
