@@ -88,6 +88,16 @@ def _excluded(rel: str, exclude: Sequence[str]) -> Callable[[str], bool]:
     return skip
 
 
+def _files(directory: Path) -> list[Path]:
+    """The files under `directory`, sorted, without descending into scratch or lock folders, which other
+    processes on this machine (store tasks, stages) create and remove while it is walked."""
+    out: list[Path] = []
+    for root, dirs, names in os.walk(directory):  # a folder removed while walked is skipped, not an error
+        dirs[:] = [d for d in dirs if d not in (".scratch", ".locks")]
+        out += [Path(root) / n for n in names]
+    return sorted(out)
+
+
 def _bytes(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -173,7 +183,7 @@ class WorkingCopy:
         # Local files with no object: a manifest always goes; the rest with `prune`; and bulk files left in
         # the store whose directory now has another manifest than before belong to another build.
         other_build = (directory / MANIFEST_NAME).is_file() and _bytes(directory / MANIFEST_NAME) != before
-        for f in sorted(p for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else []:
+        for f in _files(directory):
             r = self.rel(f)
             if transient(r) or skip(r):
                 continue
@@ -199,15 +209,15 @@ class WorkingCopy:
             return 0
         rel = self.rel(directory)
         skip = _excluded(rel, exclude)
-        files = [self.rel(f) for f in sorted(directory.rglob("*")) if f.is_file()]
+        files = [self.rel(f) for f in _files(directory)]
         files = [f for f in files if not transient(f) and not skip(f)]
         remote = {o.key: o for o in list_objects(self.objects, rel) if not skip(o.key)}
         changed = [f for f in files if f not in remote or not in_sync(self.root / f, remote[f])]
         manifests = [f for f in changed if f.rsplit("/", 1)[-1] == MANIFEST_NAME]
         n = self._upload([f for f in changed if f not in manifests])
         if prune:  # objects with no local file, except those a `.remote` mark says were left in the store
-            local = set(files) | {"/".join(p for p in (self.rel(m.parent), k) if p) for m in directory.rglob(REMOTE_MARK)
-                                  for k in _mark(m.parent)["sizes"]}
+            local = set(files) | {"/".join(p for p in (self.rel(m.parent), k) if p) for m in _files(directory)
+                                  if m.name == REMOTE_MARK for k in _mark(m.parent)["sizes"]}
             stale = [k for k in remote if k not in local and not transient(k)]
             with ThreadPoolExecutor(THREADS) as pool:
                 list(pool.map(lambda k: delete(self.objects, k), stale))
@@ -346,7 +356,7 @@ def pull_source(url: str) -> Path:
     if not fresh:
         copy._download(listing)
         if single is None:  # images deleted from the source are not ingested again
-            for f in [p for p in copy.root.rglob("*") if p.is_file() and p != stamp]:
+            for f in [p for p in _files(copy.root) if p != stamp]:
                 if copy.rel(f) not in record and not transient(copy.rel(f)):
                     f.unlink()
         atomic_write_json(stamp, record, indent=None)
